@@ -1,0 +1,238 @@
+"""The one config schema: every field with its meaning and unit, plus validation.
+
+Config files under `configs/` start from `default_config()` and change only what
+differs, so a fresh reader finds every knob here, once. `validate()` runs once at
+start-up and raises `ConfigError` naming the field and the fix.
+
+Launch examples:
+  python -m dsv2_jax train --config configs/tiny.py --workdir /tmp/tiny
+  python -m dsv2_jax train --config configs/tiny.py:steps=50 --config.model.num_layers=2
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import ml_collections
+
+# Local TFDS builders shipped in `dsv2_jax.data.corpora`; any other name is treated
+# as a TFDS catalog name ("c4/en", "pg19", ...) that must be prepared in data_dir.
+LOCAL_DATASETS = ("wiki_excerpt", "web_bible", "lee_news")
+DTYPES = ("float32", "bfloat16", "float16")
+ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")
+NORMS = ("rmsnorm", "layernorm")
+POSITIONS = ("rope", "learned", "none")
+ATTENTIONS = ("dense",)
+REMAT_POLICIES = ("none", "full", "dots")
+TOKENIZERS = ("byte", "sentencepiece")
+
+
+class ConfigError(ValueError):
+  """A config field holds a value we cannot run with; the message names the fix."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Returns the full config with the article's stage-1 settings as defaults."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Seeds parameter init, dropout and data shuffling.
+
+  m = c.model = ml_collections.ConfigDict()
+  m.vocab_size = 258  # Embedding rows; >= the tokenizer's vocabulary (bytes: 256 + 2).
+  m.d_model = 1024  # Residual stream width D.
+  m.num_layers = 8  # Decoder blocks L (stacked with nn.scan).
+  m.num_heads = 16  # Query heads N; must divide d_model unless head_dim is set.
+  m.num_kv_heads = 0  # Key/value heads K (GQA); 0 means = num_heads.
+  m.head_dim = 0  # Per-head width H; 0 means d_model // num_heads.
+  m.ffn_hidden = 4096  # FFN hidden width F.
+  m.activation = "swiglu"  # One of ACTIVATIONS; gated ones use two input matrices.
+  m.norm = "rmsnorm"  # One of NORMS; pre-norm everywhere.
+  m.norm_eps = 1e-6
+  m.position = "rope"  # One of POSITIONS.
+  m.rope_max_wavelength = 10_000.0
+  # Position interpolation factor (stage 2): positions are divided by this, so a
+  # model trained at length T reads length T * rope_scale within its trained range.
+  m.rope_scale = 1.0
+  m.max_seq_len = 2048  # Position limit in tokens (learned table size; decode cache cap).
+  m.tie_embeddings = False  # Share the input embedding with the output head.
+  m.dropout_rate = 0.0  # Residual dropout probability.
+  m.attention = "dense"  # One of ATTENTIONS.
+  m.remat_policy = "none"  # One of REMAT_POLICIES (jax.checkpoint policy per layer).
+  m.scan_layers = True  # nn.scan over layers (fast compile; remat shows in memory).
+  m.scan_unroll = 1  # Layers per scan iteration; > 1 trades compile time for speed.
+  m.dtype = "float32"  # Compute dtype of activations and matmuls.
+  m.param_dtype = "float32"  # Storage dtype of parameters and optimizer state.
+  m.init_std = 0.02  # Std of the embedding init (projections use fan-in scaling).
+
+  d = c.data = ml_collections.ConfigDict()
+  d.dataset = "wiki_excerpt"  # Local builder (LOCAL_DATASETS) or a TFDS catalog name.
+  d.data_dir = "~/tensorflow_datasets"  # TFDS data dir (passed explicitly, never env).
+  d.text_key = "text"  # Feature holding the document text (pg19: "book_text").
+  d.train_split = "train"
+  d.eval_split = "validation"
+  d.seq_len = 2048  # Tokens per training row T (rows are packed across documents).
+  d.batch_size = 32  # Rows per optimizer step B (global, over all devices).
+  d.tokenizer = "byte"  # One of TOKENIZERS.
+  d.tokenizer_model = ""  # Path of a local SentencePiece model (tokenizer="sentencepiece").
+  # Allow TFDS to download and prepare a catalog dataset. Off by default so that a
+  # missing dataset fails at once instead of retrying cloud storage for minutes.
+  d.download = False
+
+  t = c.train = ml_collections.ConfigDict()
+  t.steps = 100_000  # Optimizer steps.
+  t.learning_rate = 5e-5  # Peak LR after warmup (article stage 1: 5e-5).
+  t.warmup_steps = 2000  # Linear warmup from 0 to learning_rate.
+  t.end_lr_fraction = 0.0  # LR at the last step, as a fraction of the peak (linear decay).
+  t.b1 = 0.9  # AdamW beta1 (article).
+  t.b2 = 0.95  # AdamW beta2 (article).
+  t.eps = 1e-8
+  t.weight_decay = 0.1  # Decoupled; applied to matrices only, not norms or biases.
+  t.grad_clip_norm = 1.0  # Global-norm clipping threshold; 0 disables.
+  t.log_every = 50  # Steps between metric lines (host syncs only then).
+  t.eval_every = 1000  # Steps between held-out evaluations; 0 = only at the end.
+  t.checkpoint_every = 1000  # Steps between checkpoints; the last step is always saved.
+  t.max_checkpoints = 3  # Checkpoints kept on disk.
+  t.async_checkpointing = True  # Write checkpoints in the background.
+
+  e = c.eval = ml_collections.ConfigDict()
+  e.batch_size = 32  # Rows per eval batch.
+  e.max_batches = 0  # Cap on eval batches; 0 = the whole split.
+
+  s = c.sample = ml_collections.ConfigDict()
+  s.prompt = "The "  # Prompt for the sample printed after training.
+  s.max_new_tokens = 200
+  s.temperature = 0.8  # 0 = greedy.
+  s.top_k = 40  # Sample among the k most likely tokens; 0 = all.
+
+  # Mesh axis sizes; -1 takes the remaining devices. Model code never names these.
+  c.mesh = ml_collections.ConfigDict(
+      dict(data=-1, fsdp=1, tensor=1, expert=1, stage=1))
+  return c
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses `configs/x.py:a=1,b=foo,flag` into typed values (big_vision style).
+
+  A bare key means True; values take the type of their default.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in defaults:
+      raise ConfigError(f"config argument {key!r} is unknown; known: {sorted(defaults)}")
+    default = defaults[key]
+    if not value:
+      out[key] = True
+    elif isinstance(default, bool):
+      out[key] = value.lower() in ("1", "true", "yes", "y")
+    else:
+      out[key] = type(default)(value) if default is not None else value
+  return out
+
+
+def head_dim(model: ml_collections.ConfigDict) -> int:
+  return model.head_dim or model.d_model // model.num_heads
+
+
+def num_kv_heads(model: ml_collections.ConfigDict) -> int:
+  return model.num_kv_heads or model.num_heads
+
+
+def _check(cond: bool, message: str) -> None:
+  if not cond:
+    raise ConfigError(message)
+
+
+def _check_choice(value: str, field: str, choices: tuple[str, ...]) -> None:
+  _check(value in choices, f"{field}={value!r} is not supported; choose one of {list(choices)}.")
+
+
+def _check_positive(config: ml_collections.ConfigDict, *fields: str) -> None:
+  for field in fields:
+    value = config
+    for part in field.split("."):
+      value = value[part]
+    _check(isinstance(value, int) and value > 0,
+           f"{field}={value!r} must be a positive integer.")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks the whole config once; raises ConfigError naming the field and the fix."""
+  m, d, t = config.model, config.data, config.train
+  _check_positive(config, "model.d_model", "model.num_layers", "model.num_heads",
+                  "model.ffn_hidden", "model.vocab_size", "model.max_seq_len",
+                  "data.seq_len", "data.batch_size", "train.steps", "eval.batch_size",
+                  "train.log_every")
+  if not m.head_dim:
+    _check(m.d_model % m.num_heads == 0,
+           f"model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}: "
+           f"pick num_heads among {[n for n in range(1, 65) if m.d_model % n == 0]} "
+           "or set model.head_dim explicitly.")
+  _check(num_kv_heads(m) > 0 and m.num_heads % num_kv_heads(m) == 0,
+         f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}.")
+  if m.position == "rope":
+    _check(head_dim(m) % 2 == 0, f"head dim {head_dim(m)} must be even for RoPE: "
+           "change model.d_model / model.num_heads or model.head_dim.")
+    _check(m.rope_scale >= 1.0, f"model.rope_scale={m.rope_scale} must be >= 1 "
+           "(positions are divided by it to interpolate).")
+  _check(d.seq_len <= m.max_seq_len,
+         f"data.seq_len={d.seq_len} is longer than the position limit "
+         f"model.max_seq_len={m.max_seq_len}: raise model.max_seq_len or shorten data.seq_len.")
+  for field in ("dtype", "param_dtype"):
+    _check_choice(m[field], f"model.{field}", DTYPES)
+  _check_choice(m.activation, "model.activation", ACTIVATIONS)
+  _check_choice(m.norm, "model.norm", NORMS)
+  _check_choice(m.position, "model.position", POSITIONS)
+  _check_choice(m.attention, "model.attention", ATTENTIONS)
+  _check_choice(m.remat_policy, "model.remat_policy", REMAT_POLICIES)
+  _check_choice(d.tokenizer, "data.tokenizer", TOKENIZERS)
+  _check(0.0 <= m.dropout_rate < 1.0, f"model.dropout_rate={m.dropout_rate} must be in [0, 1).")
+  _check(m.scan_unroll >= 1 and m.num_layers % m.scan_unroll == 0,
+         f"model.scan_unroll={m.scan_unroll} must be >= 1 and divide "
+         f"model.num_layers={m.num_layers}.")
+  _check(isinstance(d.dataset, str) and d.dataset.strip() != "",
+         "data.dataset is empty: use one of "
+         f"{list(LOCAL_DATASETS)} or a TFDS catalog name such as 'c4/en'.")
+  name = d.dataset.split("/")[0].split(":")[0]
+  _check(name.replace("_", "").replace(".", "").isalnum(),
+         f"data.dataset={d.dataset!r} is not a dataset name: use one of "
+         f"{list(LOCAL_DATASETS)} or a TFDS catalog name such as 'c4/en'.")
+  if d.tokenizer == "sentencepiece":
+    _check(bool(d.tokenizer_model), "data.tokenizer='sentencepiece' needs "
+           "data.tokenizer_model=PATH of a trained .model file.")
+  _check(t.learning_rate > 0 and math.isfinite(t.learning_rate),
+         f"train.learning_rate={t.learning_rate} must be a positive number.")
+  _check(0 <= t.warmup_steps <= t.steps,
+         f"train.warmup_steps={t.warmup_steps} must be in [0, train.steps={t.steps}].")
+  _check(0.0 <= t.end_lr_fraction <= 1.0,
+         f"train.end_lr_fraction={t.end_lr_fraction} must be in [0, 1].")
+  _check(0.0 <= t.b1 < 1.0 and 0.0 <= t.b2 < 1.0, "train.b1 and train.b2 must be in [0, 1).")
+  for field in ("eval_every", "checkpoint_every"):
+    _check(t[field] >= 0, f"train.{field}={t[field]} must be >= 0 (0 disables).")
+  _check(t.max_checkpoints >= 1, f"train.max_checkpoints={t.max_checkpoints} must be >= 1.")
+  _check(config.eval.max_batches >= 0, "eval.max_batches must be >= 0 (0 = whole split).")
+  for axis, size in config.mesh.items():
+    _check(isinstance(size, int) and (size >= 1 or size == -1),
+           f"mesh.{axis}={size!r} must be a positive integer or -1 (fill).")
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  """Rebuilds a saved config on top of the defaults (new fields keep defaults)."""
+  config = default_config()
+  saved = json.loads(text)
+
+  def merge(dst: ml_collections.ConfigDict, src: dict[str, Any]) -> None:
+    for key, value in src.items():
+      if key in dst and isinstance(dst[key], ml_collections.ConfigDict):
+        merge(dst[key], value)
+      else:
+        with dst.unlocked():
+          dst[key] = value
+
+  merge(config, saved)
+  return config

@@ -1,0 +1,12 @@
+"""Model code: layers, attention, feed-forward, the decoder, and remat policies.
+
+Shape alphabet, used in every einsum string and shape comment in the repo:
+  B batch              T query length        S key/value length
+  D model width        N query heads         K key/value heads
+  H head dim           F FFN hidden          V vocabulary
+  E experts            C expert capacity     L layers
+
+Logical axis names (mapped to mesh axes only in `dsv2_jax.parallel.sharding`):
+  parameters   vocab, embed, heads, kv_heads, kv, mlp, expert, layers, norm
+  activations  batch, length, act_embed, act_heads, act_kv_heads, act_kv, act_mlp, act_vocab
+"""

@@ -1,0 +1,106 @@
+"""Causal multi-head attention with RoPE, grouped-query heads and a decode KV cache.
+
+`model.attention` picks the kernel behind the projections: 'dense' is XLA's
+`jax.nn.dot_product_attention` (the reference every sparse variant is tested
+against). Decoding writes keys/values into the 'cache' collection and attends the
+new queries to every filled slot at or before their position.
+
+Shapes follow the repo alphabet (see `dsv2_jax.model`): q [B, T, N, H],
+k/v [B, S, K, H], N a multiple of K.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+import ml_collections
+
+from dsv2_jax.model.layers import Einsum, dtype_of
+from dsv2_jax.model.rope import apply_rope
+
+# Large finite negative for masked logits: -inf gives NaN gradients on empty rows.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """Dense causal softmax attention (XLA). q [B,T,N,H], k/v [B,T,K,H] -> [B,T,N,H]."""
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """Softmax attention under an explicit mask, in f32.
+
+  Args:
+    q: [B, T, N, H]; k, v: [B, S, K, H].
+    mask: bool [B, T, S], True where a query may attend.
+
+  Returns:
+    [B, T, N, H] in q's dtype.
+  """
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  qg = q.reshape(b, t, kh, n // kh, h).astype(jnp.float32)  # [B, T, K, G, H]
+  logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(jnp.float32)) / jnp.sqrt(h)
+  logits = jnp.where(mask[:, None, None], logits, MASK_VALUE)  # [B, K, G, T, S]
+  probs = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(jnp.float32))
+  return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+class Attention(nn.Module):
+  """Projections + RoPE + attention kernel + output projection.
+
+  Attributes:
+    cfg: the `model` config section (frozen).
+    decode: write k/v into the cache and attend over it (generation).
+  """
+
+  cfg: ml_collections.FrozenConfigDict
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    """x: [B, T, D], positions: int [B, T] -> [B, T, D]."""
+    cfg = self.cfg
+    d = x.shape[-1]
+    n = cfg.num_heads
+    k_heads = cfg.num_kv_heads or n
+    h = cfg.head_dim or d // n
+    dense = lambda shape, axes, name, fan_in=(0,): Einsum(  # noqa: E731
+        shape, axes, fan_in, dtype_of(cfg.dtype), dtype_of(cfg.param_dtype), name=name)
+
+    q = dense((d, n, h), ("embed", "heads", "kv"), "query")("BTD,DNH->BTNH", x)
+    k = dense((d, k_heads, h), ("embed", "kv_heads", "kv"), "key")("BTD,DKH->BTKH", x)
+    v = dense((d, k_heads, h), ("embed", "kv_heads", "kv"), "value")("BTD,DKH->BTKH", x)
+    if cfg.position == "rope":
+      q = apply_rope(q, positions, cfg.rope_max_wavelength, cfg.rope_scale)
+      k = apply_rope(k, positions, cfg.rope_max_wavelength, cfg.rope_scale)
+    q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", "act_kv"))
+    k = nn.with_logical_constraint(k, ("batch", "length", "act_kv_heads", "act_kv"))
+    v = nn.with_logical_constraint(v, ("batch", "length", "act_kv_heads", "act_kv"))
+    q = checkpoint_name(q, "query")
+    k = checkpoint_name(k, "key")
+    v = checkpoint_name(v, "value")
+
+    if self.decode:
+      out = self._cached_attention(q, k, v, positions)
+    else:
+      out = causal_attention(q, k, v)  # [B, T, N, H]
+    out = checkpoint_name(out, "attention_out")
+    return dense((n, h, d), ("heads", "kv", "embed"), "out", (0, 1))("BTNH,NHD->BTD", out)
+
+  def _cached_attention(self, q, k, v, positions):
+    """Writes k/v at positions[0, 0]..+T and attends q to all slots <= its position."""
+    initialized = self.has_variable("cache", "cached_key")
+    cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)  # [B, S, K, H]
+    cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+    if not initialized:  # model.init(..., decode=True) only sizes the cache.
+      return causal_attention(q, k, v)
+    start = positions[0, 0]
+    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, start, 0, 0))
+    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, start, 0, 0))
+    slots = jnp.arange(cached_k.value.shape[1])  # [S]
+    mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
+    return masked_attention(q, cached_k.value, cached_v.value, mask)

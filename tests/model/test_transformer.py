@@ -1,0 +1,127 @@
+"""Decoder: causality, cache decode == full forward, dtypes, logical axis names."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsv2_jax import config as config_lib
+from dsv2_jax.model.transformer import build_model
+
+
+def small_model_config(**kw):
+  c = config_lib.default_config().model
+  c.update(d_model=32, num_layers=2, num_heads=4, ffn_hidden=48, vocab_size=258,
+           max_seq_len=64)
+  c.update(kw)
+  return c
+
+
+def init(cfg, t=16, b=2, seed=0):
+  model = build_model(cfg)
+  tokens = jnp.asarray(np.random.RandomState(seed).randint(0, 256, (b, t)), jnp.int32)
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), tokens))["params"]
+  return model, params, tokens
+
+
+VARIANTS = [
+    dict(),
+    dict(scan_layers=False),
+    dict(num_kv_heads=2),
+    dict(position="learned", activation="gelu", norm="layernorm", tie_embeddings=True),
+    dict(remat_policy="full"),
+    dict(remat_policy="dots", scan_unroll=2),
+]
+
+
+@pytest.mark.parametrize("kw", VARIANTS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
+def test_changing_later_tokens_leaves_earlier_logits_unchanged(kw):
+  model, params, tokens = init(small_model_config(**kw))
+  logits = model.apply({"params": params}, tokens)
+  t = 9
+  changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 7) % 256)
+  logits2 = model.apply({"params": params}, changed)
+  np.testing.assert_array_equal(np.asarray(logits[:, :t + 1]), np.asarray(logits2[:, :t + 1]))
+  # The later positions do see the change (the test can fail).
+  assert np.abs(np.asarray(logits[:, t + 1:] - logits2[:, t + 1:])).max() > 1e-3
+
+
+@pytest.mark.parametrize("kw", VARIANTS[:4], ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
+def test_decode_with_cache_equals_full_forward(kw):
+  cfg = small_model_config(**kw)
+  model, params, tokens = init(cfg, t=16)
+  full = model.apply({"params": params}, tokens)
+  cache = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 24), jnp.int32), decode=True)["cache"]
+  cache = jax.tree.map(jnp.zeros_like, cache)
+  outs = []
+  logits, mutated = model.apply({"params": params, "cache": cache}, tokens[:, :7], decode=True,
+                                mutable=["cache"])
+  outs.append(logits)
+  for i in range(7, 16):  # Then one token at a time.
+    logits, mutated = model.apply({"params": params, "cache": mutated["cache"]},
+                                  tokens[:, i:i + 1], decode=True, mutable=["cache"])
+    outs.append(logits)
+  np.testing.assert_allclose(np.concatenate(outs, axis=1), full, atol=2e-5, rtol=1e-5)
+  assert int(mutated["cache"]["index"]) == 16
+
+
+def test_bf16_compute_with_f32_params_tracks_f32():
+  cfg = small_model_config()
+  model32, params, tokens = init(cfg)
+  model16 = build_model(small_model_config(dtype="bfloat16"))
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  logits32 = model32.apply({"params": params}, tokens)
+  logits16 = model16.apply({"params": params}, tokens)
+  assert logits16.dtype == jnp.bfloat16
+  assert np.isfinite(np.asarray(logits16, np.float32)).all()
+  err = np.abs(np.asarray(logits16, np.float32) - np.asarray(logits32))
+  assert err.mean() < 0.02 * np.asarray(logits32).std() + 0.01 and err.max() < 0.3
+  grads = jax.grad(lambda p: model16.apply({"params": p}, tokens).astype(jnp.float32).mean())(params)
+  assert all(g.dtype == jnp.float32 and np.isfinite(g).all() for g in jax.tree.leaves(grads))
+
+
+def test_bf16_params_and_compute_train_step_is_finite():
+  cfg = small_model_config(dtype="bfloat16", param_dtype="bfloat16")
+  model, params, tokens = init(cfg)
+  assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(params))
+  loss = lambda p: model.apply({"params": p}, tokens).astype(jnp.float32).mean()  # noqa: E731
+  grads = jax.grad(loss)(params)
+  assert all(np.isfinite(np.asarray(g, np.float32)).all() for g in jax.tree.leaves(grads))
+
+
+def test_every_parameter_has_logical_axis_names():
+  cfg = small_model_config(position="learned")
+  model = build_model(cfg)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                            jnp.zeros((1, 8), jnp.int32))["params"])
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
+  for box in leaves:
+    assert len(box.names) == box.value.ndim
+  scanned = boxed["layers"]["attention"]["query"]["w"]
+  assert scanned.names == ("layers", "embed", "heads", "kv")
+
+
+def test_scan_and_unrolled_layers_compute_the_same_function():
+  cfg = small_model_config()
+  model, params, tokens = init(cfg)
+  loop_model = build_model(small_model_config(scan_layers=False))
+  loop_params = {k: v for k, v in params.items() if k != "layers"}
+  for i in range(cfg.num_layers):
+    loop_params[f"layer_{i}"] = jax.tree.map(lambda x: x[i], params["layers"])
+  np.testing.assert_allclose(loop_model.apply({"params": loop_params}, tokens),
+                             model.apply({"params": params}, tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_is_active_only_when_not_deterministic():
+  cfg = small_model_config(dropout_rate=0.5)
+  model, params, tokens = init(cfg)
+  a = model.apply({"params": params}, tokens)
+  b = model.apply({"params": params}, tokens)
+  np.testing.assert_array_equal(a, b)
+  c = model.apply({"params": params}, tokens, deterministic=False,
+                  rngs={"dropout": jax.random.PRNGKey(1)})
+  assert np.abs(np.asarray(a - c)).max() > 1e-3

@@ -1,0 +1,71 @@
+"""Config validation: each bad value gets a message naming the field and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from dsv2_jax import config as config_lib
+from dsv2_jax.train import trainer
+from tests.conftest import REPO, tiny_config
+
+BAD = [
+    ("model.num_heads", 5, r"model.num_heads=5 does not divide model.d_model=32"),
+    ("data.seq_len", 256, r"data.seq_len=256 is longer than the position limit model.max_seq_len=128"),
+    ("train.steps", 0, r"train.steps=0 must be a positive integer"),
+    ("data.batch_size", -2, r"data.batch_size=-2 must be a positive integer"),
+    ("model.dtype", "float8", r"model.dtype='float8' is not supported; choose one of"),
+    ("model.param_dtype", "fp32", r"model.param_dtype='fp32' is not supported"),
+    ("model.num_kv_heads", 3, r"model.num_kv_heads=3 must divide model.num_heads=4"),
+    ("data.dataset", "", r"data.dataset is empty"),
+    ("data.dataset", "../etc", r"data.dataset='../etc' is not a dataset name"),
+    ("model.remat_policy", "sometimes", r"model.remat_policy='sometimes' is not supported"),
+    ("train.warmup_steps", 100, r"train.warmup_steps=100 must be in \[0, train.steps=6\]"),
+    ("mesh.data", 0, r"mesh.data=0 must be a positive integer or -1"),
+]
+
+
+@pytest.mark.parametrize("field,value,message", BAD, ids=[f"{f}={v}" for f, v, _ in BAD])
+def test_validation_names_the_field(tmp_path, field, value, message):
+  c = tiny_config(str(tmp_path))
+  section, name = field.split(".")
+  c[section][name] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(c)
+
+
+def test_unknown_dataset_fails_at_start_up_naming_the_field(tmp_path):
+  c = tiny_config(str(tmp_path))
+  c.data.dataset = "no_such_corpus"
+  from dsv2_jax.data.sources import DatasetUnavailableError
+  with pytest.raises(DatasetUnavailableError, match=r"data.dataset='no_such_corpus'"):
+    trainer.train_and_evaluate(c, tmp_path / "run")
+  assert not (tmp_path / "run" / "checkpoints" / "1").exists()
+
+
+def test_vocab_smaller_than_tokenizer_is_rejected(tmp_path):
+  c = tiny_config(str(tmp_path))
+  c.model.vocab_size = 200
+  with pytest.raises(config_lib.ConfigError, match="model.vocab_size=200"):
+    trainer.Run(c, tmp_path / "run")
+
+
+def test_shipped_configs_validate():
+  import importlib.util
+  for path in sorted((REPO / "configs").glob("*.py")):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config_lib.validate(module.get_config())
+
+
+def test_config_arg_string_parses_typed_values():
+  args = config_lib.parse_arg("steps=50,dataset=web_bible,flag", steps=1, dataset="x", flag=False)
+  assert args.steps == 50 and args.dataset == "web_bible" and args.flag is True
+  with pytest.raises(config_lib.ConfigError, match="unknown"):
+    config_lib.parse_arg("nope=1", steps=1)
+
+
+def test_json_round_trip_restores_the_config(tmp_path):
+  c = tiny_config(str(tmp_path))
+  again = config_lib.from_json(config_lib.to_json(c))
+  assert again.to_dict() == c.to_dict()
