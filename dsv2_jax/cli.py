@@ -85,7 +85,6 @@ def _eval() -> None:
       config.data.dataset = _EVAL_DATASET.value
     if _EVAL_SPLIT.value:
       config.data.eval_split = _EVAL_SPLIT.value
-    config.eval.max_batches = 0
   eval_fn = evaluate.make_eval_fn(run.model, run.tokenizer, run.mesh, shardings.params)
   result = evaluate.evaluate(eval_fn, state.params, config, run.tokenizer, run.mesh)
   result.update(step=int(state.step), dataset=config.data.dataset, split=config.data.eval_split)

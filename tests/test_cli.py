@@ -12,10 +12,10 @@ import pytest
 from tests.conftest import REPO
 
 TINY = [
-    "--config", str(REPO / "configs" / "tiny.py") + ":steps=4,seq_len=32,batch_size=4",
+    "--config", str(REPO / "configs" / "tiny.py") + ":steps=4,seq_len=32,batch_size=4,dataset=lee_news",
     "--config.model.d_model=32", "--config.model.num_layers=1", "--config.model.ffn_hidden=64",
     "--config.train.warmup_steps=1", "--config.train.log_every=2",
-    "--config.eval.max_batches=2", "--config.eval.batch_size=4",
+    "--config.eval.max_batches=2", "--config.eval.batch_size=32",
     "--config.sample.max_new_tokens=5",
 ]
 

@@ -62,8 +62,9 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-    """x: [B, T, D], positions: int [B, T] -> [B, T, D]."""
+    """x: [X, D] tokens of B sequences of length T, positions: int [B, T] -> [X, D]."""
     cfg = self.cfg
+    b, t = positions.shape
     d = x.shape[-1]
     n = cfg.num_heads
     k_heads = cfg.num_kv_heads or n
@@ -71,9 +72,12 @@ class Attention(nn.Module):
     dense = lambda shape, axes, name, fan_in=(0,): Einsum(  # noqa: E731
         shape, axes, fan_in, dtype_of(cfg.dtype), dtype_of(cfg.param_dtype), name=name)
 
-    q = dense((d, n, h), ("embed", "heads", "kv"), "query")("BTD,DNH->BTNH", x)
-    k = dense((d, k_heads, h), ("embed", "kv_heads", "kv"), "key")("BTD,DKH->BTKH", x)
-    v = dense((d, k_heads, h), ("embed", "kv_heads", "kv"), "value")("BTD,DKH->BTKH", x)
+    q = dense((d, n, h), ("embed", "heads", "kv"), "query")("XD,DNH->XNH", x)
+    k = dense((d, k_heads, h), ("embed", "kv_heads", "kv"), "key")("XD,DKH->XKH", x)
+    v = dense((d, k_heads, h), ("embed", "kv_heads", "kv"), "value")("XD,DKH->XKH", x)
+    q = q.reshape(b, t, n, h)  # [B, T, N, H]
+    k = k.reshape(b, t, k_heads, h)  # [B, T, K, H]
+    v = v.reshape(b, t, k_heads, h)
     if cfg.position == "rope":
       q = apply_rope(q, positions, cfg.rope_max_wavelength, cfg.rope_scale)
       k = apply_rope(k, positions, cfg.rope_max_wavelength, cfg.rope_scale)
@@ -88,8 +92,8 @@ class Attention(nn.Module):
       out = self._cached_attention(q, k, v, positions)
     else:
       out = causal_attention(q, k, v)  # [B, T, N, H]
-    out = checkpoint_name(out, "attention_out")
-    return dense((n, h, d), ("heads", "kv", "embed"), "out", (0, 1))("BTNH,NHD->BTD", out)
+    out = checkpoint_name(out, "attention_out").reshape(b * t, n, h)  # [X, N, H]
+    return dense((n, h, d), ("heads", "kv", "embed"), "out", (0, 1))("XNH,NHD->XD", out)
 
   def _cached_attention(self, q, k, v, positions):
     """Writes k/v at positions[0, 0]..+T and attends q to all slots <= its position."""

@@ -23,20 +23,20 @@ class FeedForward(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [B, T, D] -> [B, T, D]."""
+    """x: [X, D] tokens -> [X, D]."""
     cfg = self.cfg
     d, f = x.shape[-1], cfg.ffn_hidden
     dense = lambda shape, axes, name: Einsum(  # noqa: E731
         shape, axes, (0,), dtype_of(cfg.dtype), dtype_of(cfg.param_dtype), name=name)
     act = _ACTIVATIONS[cfg.activation]
-    up = dense((d, f), ("embed", "mlp"), "up")("BTD,DF->BTF", x)
+    up = dense((d, f), ("embed", "mlp"), "up")("XD,DF->XF", x)
     up = checkpoint_name(up, "ffn_up")
     if is_gated(cfg.activation):
-      gate = dense((d, f), ("embed", "mlp"), "gate")("BTD,DF->BTF", x)
+      gate = dense((d, f), ("embed", "mlp"), "gate")("XD,DF->XF", x)
       gate = checkpoint_name(gate, "ffn_gate")
-      hidden = act(gate) * up  # [B, T, F]
+      hidden = act(gate) * up  # [X, F]
     else:
       hidden = act(up)
-    hidden = nn.with_logical_constraint(hidden, ("batch", "length", "act_mlp"))
+    hidden = nn.with_logical_constraint(hidden, ("tokens", "act_mlp"))
     hidden = checkpoint_name(hidden, "ffn_hidden")
-    return dense((f, d), ("mlp", "embed"), "down")("BTF,FD->BTD", hidden)
+    return dense((f, d), ("mlp", "embed"), "down")("XF,FD->XD", hidden)

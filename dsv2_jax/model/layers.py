@@ -29,7 +29,7 @@ def matmul_einsum(equation: str, x: jax.Array, w: jax.Array, dtype: jnp.dtype) -
 class Einsum(nn.Module):
   """A weight of `shape` with logical `axes`, applied as `einsum(equation, x, w)`.
 
-  The equation is written at the call site (e.g. 'BTD,DNH->BTNH'), so each weight
+  The equation is written at the call site (e.g. 'XD,DNH->XNH'), so each weight
   sits next to its contraction. `fan_in_axes` are the weight axes contracted with
   the input; the init is truncated-normal with variance 1 / fan_in.
   """
@@ -91,9 +91,9 @@ class Embedder(nn.Module):
         (self.vocab_size, self.d_model), self.param_dtype)
 
   def encode(self, tokens: jax.Array) -> jax.Array:
-    """tokens: int [B, T] -> [B, T, D]."""
+    """tokens: int [...] -> [..., D]."""
     return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
 
   def decode(self, x: jax.Array) -> jax.Array:
-    """x: [B, T, D] -> logits [B, T, V]."""
-    return matmul_einsum("BTD,VD->BTV", x, self.embedding, self.dtype)
+    """x: [X, D] -> logits [X, V]."""
+    return matmul_einsum("XD,VD->XV", x, self.embedding, self.dtype)

@@ -30,7 +30,7 @@ class DecoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, None]:
-    """x: [B, T, D], positions: [B, T] -> ([B, T, D], None)."""
+    """x: [X, D] tokens, positions: [B, T] -> ([X, D], None)."""
     cfg = self.cfg
     norm = lambda name: Norm(cfg.norm, cfg.norm_eps, dtype_of(cfg.dtype),  # noqa: E731
                              dtype_of(cfg.param_dtype), name=name)
@@ -39,7 +39,7 @@ class DecoderBlock(nn.Module):
     x = x + dropout(h)
     h = FeedForward(cfg, name="ffn")(norm("ffn_norm")(x))
     x = x + dropout(h)
-    x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+    x = nn.with_logical_constraint(x, ("tokens", "act_embed"))
     return x, None
 
 
@@ -75,14 +75,14 @@ class Transformer(nn.Module):
 
     embedder = Embedder(cfg.vocab_size, cfg.d_model, cfg.init_std, dtype, param_dtype,
                         name="embedder")
-    x = embedder.encode(tokens)  # [B, T, D]
+    x = embedder.encode(tokens.reshape(b * t))  # [X, D]
     if cfg.position == "learned":
       table = self.param(
           "position_embedding",
           nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), (None, "embed")),
           (cfg.max_seq_len, cfg.d_model), param_dtype)
-      x = x + jnp.take(table, positions, axis=0).astype(dtype)
-    x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+      x = x + jnp.take(table, positions.reshape(b * t), axis=0).astype(dtype)
+    x = nn.with_logical_constraint(x, ("tokens", "act_embed"))
 
     block = DecoderBlock
     policy_name = cfg.remat_policy
@@ -108,8 +108,9 @@ class Transformer(nn.Module):
       logits = embedder.decode(x)
     else:
       logits = Einsum((cfg.d_model, cfg.vocab_size), ("embed", "vocab"), (0,), dtype,
-                      param_dtype, name="head")("BTD,DV->BTV", x)
-    return nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
+                      param_dtype, name="head")("XD,DV->XV", x)
+    logits = nn.with_logical_constraint(logits, ("tokens", "act_vocab"))
+    return logits.reshape(b, t, cfg.vocab_size)  # [B, T, V]
 
 
 def build_model(model_config: ml_collections.ConfigDict) -> Transformer:

@@ -21,7 +21,8 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert", "stage")
 # (logical name, mesh axis or axes or None). First match wins; a mesh axis of size 1
 # shards nothing, so one table serves every layout.
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
-    # Activations.
+    # Activations. 'tokens' is the flattened [B * T] axis, batch-major.
+    ("tokens", ("data", "fsdp")),
     ("batch", ("data", "fsdp")),
     ("length", None),
     ("act_embed", None),

@@ -34,14 +34,14 @@ def make_eval_fn(model: nn.Module, tokenizer: Tokenizer, mesh: Mesh, param_shard
 
 
 def evaluate(eval_fn, params: Any, config: ml_collections.ConfigDict, tokenizer: Tokenizer,
-             mesh: Mesh) -> dict[str, float]:
-  """Runs `eval_fn` over the eval split (capped by eval.max_batches) and reduces."""
+             mesh: Mesh, max_batches: int = 0) -> dict[str, float]:
+  """Runs `eval_fn` over the eval split (the first `max_batches` batches if > 0)."""
   totals = None
   counts = np.zeros(tokenizer.vocab_size, np.int64)
   shard = jax.process_index(), jax.process_count()
   per_process = config.eval.batch_size // shard[1]
   for batch in pipeline.eval_batches(config.data, tokenizer, config.eval.batch_size,
-                                     config.eval.max_batches):
+                                     max_batches):
     local = {k: v[shard[0] * per_process:(shard[0] + 1) * per_process] for k, v in batch.items()}
     sums = eval_fn(params, sharding.put_batch(local, mesh))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)

@@ -162,8 +162,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   tokens_per_step = config.data.batch_size * config.data.seq_len
   flops_per_token = flops.train_flops_per_token(config.model, config.data.seq_len)
 
-  def run_eval(step: int) -> dict[str, float]:
-    result = evaluate_lib.evaluate(eval_fn, state.params, config, run.tokenizer, run.mesh)
+  def run_eval(step: int, max_batches: int) -> dict[str, float]:
+    result = evaluate_lib.evaluate(eval_fn, state.params, config, run.tokenizer, run.mesh,
+                                   max_batches)
     writer.write(step, result, prefix="eval_")
     return result
 
@@ -195,7 +196,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       bar.update(window_steps)
       pending, window_start, window_steps = [], time.perf_counter(), 0
     if train_cfg.eval_every and step % train_cfg.eval_every == 0 and step != train_cfg.steps:
-      result = run_eval(step)
+      result = run_eval(step, config.eval.max_batches)
       bar.write(f"step {step}: eval loss {result['loss']:.4f}  "
                 f"bits/byte {result['bits_per_byte']:.4f}")
       window_start = time.perf_counter()  # Keep eval time out of tokens/s.
@@ -209,8 +210,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     writer.close()
     return None
 
-  # 6) Final held-out evaluation and a sample.
-  result = run_eval(train_cfg.steps)
+  # 6) Final held-out evaluation over the whole split, and a sample.
+  result = run_eval(train_cfg.steps, 0)
   writer.close()
   (workdir / "eval.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
   s = config.sample

@@ -1,0 +1,33 @@
+"""Standing promises: README's commands, CI calling the README test command, notebook syntax."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+
+from tests.conftest import REPO
+
+
+def readme_commands() -> list[str]:
+  text = (REPO / "README.md").read_text()
+  return [block.strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S)]
+
+
+def test_readme_opens_with_main_job_and_test_commands():
+  main_job, tests = readme_commands()[:2]
+  assert "python -m dsv2_jax train --config configs/tiny.py" in main_job
+  assert "pytest" in tests
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+  ci = (REPO / ".ci" / "run").read_text()
+  assert readme_commands()[1] in ci
+
+
+def test_colab_notebook_code_parses():
+  notebook = json.loads((REPO / "colab" / "quickstart.ipynb").read_text())
+  for cell in notebook["cells"]:
+    if cell["cell_type"] == "code":
+      source = "".join(line for line in cell["source"] if not line.lstrip().startswith("!"))
+      ast.parse(source)
