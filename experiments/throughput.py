@@ -49,7 +49,8 @@ def shape_config(shape: str, dtype: str) -> Any:
     c = config_lib.default_config()
     r = REFERENCE
     c.model.update(vocab_size=r["vocab_size"], d_model=r["d_model"], num_layers=r["num_layers"],
-                   num_heads=r["num_heads"], ffn_hidden=r["ffn_hidden"], max_seq_len=r["seq_len"])
+                   num_heads=r["num_heads"], ffn_hidden=r["ffn_hidden"], max_seq_len=r["seq_len"],
+                   scan_unroll=r["num_layers"])  # The CPU setting of configs/tiny.py.
     c.data.update(seq_len=r["seq_len"], batch_size=r["batch_size"])
   else:
     import importlib.util  # pylint: disable=g-import-not-at-top
@@ -150,7 +151,7 @@ class TorchLlamaStep:
     start = time.perf_counter()
     for _ in range(steps):
       loss = self._step()
-    float(loss)
+    float(loss.detach())
     return (time.perf_counter() - start) / steps
 
   def peak_flops(self, n: int = 2048, repeats: int = 5) -> float:
@@ -187,7 +188,7 @@ def main(argv: list[str]) -> None:
     cases[f"dsv2_jax/{dtype}"] = (JaxStep(config), lambda d=dtype: jax_peak_flops(d), config)
   if not args.no_torch and torch_available() and "float32" in args.dtypes:
     config = shape_config(args.shape, "float32")
-    peer = TorchLlamaStep(config)
+    peer = TorchLlamaStep(config)  # Same shape; torch has no scan to unroll.
     cases["torch_hf_llama/float32"] = (peer, peer.peak_flops, config)
 
   samples: dict[str, list[tuple[float, float]]] = {name: [] for name in cases}
@@ -214,6 +215,8 @@ def main(argv: list[str]) -> None:
         "mfu_per_round": mfus,
         "backend": jax.default_backend() if impl == "dsv2_jax" else "torch-cpu",
         "device": str(jax.devices()[0].device_kind),
+        "scan_unroll": config.model.scan_unroll if impl == "dsv2_jax" else None,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     })
   for r in records:
     print(f"{r['impl']:>16} {r['dtype']:>8}: {r['step_ms']:8.1f} ms/step  "
