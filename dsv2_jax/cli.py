@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pathlib
 import sys
 
 from absl import app, flags
@@ -60,7 +61,7 @@ def _train() -> None:
         f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  "
         f"bits/byte {result['bits_per_byte']:.4f}  "
         f"(unigram baseline {result['unigram_bits_per_byte']:.4f})  tokens {result['tokens']:,}")
-  sample = (trainer.pathlib.Path(workdir) / "sample.txt")
+  sample = pathlib.Path(workdir) / "sample.txt"
   if sample.exists():
     print("sample:\n" + sample.read_text(encoding="utf-8"))
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import ml_collections
 
+from dsv2_jax.model import remat
+
 # Local TFDS builders shipped in `dsv2_jax.data.corpora`; any other name is treated
 # as a TFDS catalog name ("c4/en", "pg19", ...) that must be prepared in data_dir.
 LOCAL_DATASETS = ("wiki_excerpt", "web_bible", "lee_news")
@@ -25,7 +27,6 @@ ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")
 NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned", "none")
 ATTENTIONS = ("dense",)
-REMAT_POLICIES = ("none", "full", "dots")
 TOKENIZERS = ("byte", "sentencepiece")
 
 
@@ -58,7 +59,7 @@ def default_config() -> ml_collections.ConfigDict:
   m.tie_embeddings = False  # Share the input embedding with the output head.
   m.dropout_rate = 0.0  # Residual dropout probability.
   m.attention = "dense"  # One of ATTENTIONS.
-  m.remat_policy = "none"  # One of REMAT_POLICIES (jax.checkpoint policy per layer).
+  m.remat_policy = "none"  # A name in dsv2_jax/model/remat.py (jax.checkpoint policy per layer).
   m.scan_layers = True  # nn.scan over layers (fast compile; remat shows in memory).
   m.scan_unroll = 1  # Layers per scan iteration (>= num_layers: no loop); trades compile time.
   m.dtype = "float32"  # Compute dtype of activations and matmuls.
@@ -185,7 +186,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_choice(m.norm, "model.norm", NORMS)
   _check_choice(m.position, "model.position", POSITIONS)
   _check_choice(m.attention, "model.attention", ATTENTIONS)
-  _check_choice(m.remat_policy, "model.remat_policy", REMAT_POLICIES)
+  _check_choice(m.remat_policy, "model.remat_policy", remat.names())
   _check_choice(d.tokenizer, "data.tokenizer", TOKENIZERS)
   _check(0.0 <= m.dropout_rate < 1.0, f"model.dropout_rate={m.dropout_rate} must be in [0, 1).")
   _check(m.scan_unroll >= 1, f"model.scan_unroll={m.scan_unroll} must be >= 1 "

@@ -1,7 +1,8 @@
 """Metric sinks: `metrics.jsonl` (one JSON object per line) and TensorBoard events.
 
-On resume, lines logged after the restored step are dropped first: the resumed run
-logs those steps again, with the same values, so the file reads as one run.
+At start, lines logged after the step the run starts from are dropped (all of them
+for a fresh start): the resumed run logs those steps again, with the same values, so
+the file reads as one run.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ def _plain(value: Any) -> Any:
 class MetricWriter:
   """Writes scalars to `workdir/metrics.jsonl` and `workdir/tensorboard/`."""
 
-  def __init__(self, workdir: str | pathlib.Path, resume_step: int | None = None,
+  def __init__(self, workdir: str | pathlib.Path, resume_step: int = 0,
                tensorboard: bool = True):
     self.path = pathlib.Path(workdir) / "metrics.jsonl"
-    if resume_step is not None and self.path.exists():
+    if self.path.exists():
       kept = [line for line in self.path.read_text().splitlines()
               if line.strip() and json.loads(line).get("step", 0) <= resume_step]
       self.path.write_text("".join(line + "\n" for line in kept))

@@ -59,18 +59,16 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation, seq_len:
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, seed: int,
-                       seq_len: int, mesh: Mesh) -> tuple[TrainState, TrainState]:
-  """Initialises the state directly into its shardings.
+                       seq_len: int, mesh: Mesh, shardings: TrainState | None = None
+                       ) -> tuple[TrainState, TrainState]:
+  """Initialises the state directly into its shardings (computed if not given).
 
   Returns:
     (state, shardings): the unboxed state and the matching NamedSharding tree.
   """
-  shardings = state_shardings(model, tx, seq_len, mesh)
+  if shardings is None:
+    shardings = state_shardings(model, tx, seq_len, mesh)
   init = _init_fn(model, tx, seq_len)
   state = jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=shardings)(
       jax.random.PRNGKey(seed))
   return state, shardings
-
-
-def count_params(tree: Any) -> int:
-  return sum(int(x.size) for x in jax.tree.leaves(nn.meta.unbox(tree)))

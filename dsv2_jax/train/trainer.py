@@ -20,6 +20,7 @@ import pathlib
 import time
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -93,16 +94,18 @@ class Run:
     Returns:
       (state, state_shardings, data_state or None).
     """
-    state, shardings = create_train_state(self.model, self.tx, self.config.seed,
-                                          self.config.data.seq_len, self.mesh)
+    seq_len = self.config.data.seq_len
+    boxed = abstract_state(self.model, self.tx, seq_len)  # Shapes + logical axis names.
+    abstract = nn.meta.unbox(boxed)
+    shardings = sharding.logical_shardings(boxed, self.mesh)
     step = self.checkpointer.latest_step()
     if step is None:
+      state, _ = create_train_state(self.model, self.tx, self.config.seed, seq_len, self.mesh,
+                                    shardings)
       return state, shardings, None
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-    del state  # Free the fresh parameters before reading the saved ones.
-    restored, data_state = self.checkpointer.restore(step, shardings, abstract)
+    state, data_state = self.checkpointer.restore(step, shardings, abstract)
     logging.info("Restored step %d from %s", step, self.checkpointer.directory)
-    return restored, shardings, data_state
+    return state, shardings, data_state
 
   def sample(self, params: Any, prompt: str, max_new_tokens: int, temperature: float,
              top_k: int, seed: int = 0) -> str:
@@ -149,7 +152,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   #    data stream continues from the position saved with it.
   state, state_shardings, data_state = run.initial_state()
   start_step = int(jax.device_get(state.step))
-  writer = MetricWriter(workdir, resume_step=start_step if data_state is not None else None)
+  writer = MetricWriter(workdir, resume_step=start_step)  # Drops lines of lost steps.
   data_iter = iter(train_data)
   if data_state is not None:
     data_iter.set_state(data_state)
