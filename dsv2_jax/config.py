@@ -17,6 +17,7 @@ from typing import Any
 
 import ml_collections
 
+from dsv2_jax.model import dsa as dsa_lib
 from dsv2_jax.model import remat
 
 # Local TFDS builders shipped in `dsv2_jax.data.corpora`; any other name is treated
@@ -26,7 +27,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")
 NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned", "none")
-ATTENTIONS = ("dense",)
+ATTENTIONS = ("dense", "sliding_window", "dsa")
 TOKENIZERS = ("byte", "sentencepiece")
 
 
@@ -58,7 +59,16 @@ def default_config() -> ml_collections.ConfigDict:
   m.max_seq_len = 2048  # Position limit in tokens (learned table size; decode cache cap).
   m.tie_embeddings = False  # Share the input embedding with the output head.
   m.dropout_rate = 0.0  # Residual dropout probability.
-  m.attention = "dense"  # One of ATTENTIONS.
+  m.attention = "dense"  # One of ATTENTIONS; 'sliding_window' is DSA with budget 0.
+  # Dynamic sparse attention (docs/dsa.md): local window + score-selected global tokens.
+  m.dsa = ml_collections.ConfigDict()
+  m.dsa.window = 32  # W: each query attends its W most recent tokens (article: k = 32).
+  m.dsa.block = 32  # P: queries sharing one global selection; must be <= window + 1.
+  m.dsa.budget = "fraction"  # Global tokens per block: fraction | log | fixed.
+  m.dsa.budget_value = 0.15  # fraction: p of the length so far (article: 15%);
+  #                            log: c in c*log2(length); fixed: the count.
+  m.dsa.score = "entropy"  # Importance score: one of dsv2_jax.model.dsa.SCORES.
+  m.dsa.seed = 0  # Seed of the 'random' score.
   m.remat_policy = "none"  # A name in dsv2_jax/model/remat.py (jax.checkpoint policy per layer).
   m.scan_layers = True  # nn.scan over layers (fast compile; remat shows in memory).
   m.scan_unroll = 1  # Layers per scan iteration (>= num_layers: no loop); trades compile time.
@@ -158,6 +168,21 @@ def _check_positive(config: ml_collections.ConfigDict, *fields: str) -> None:
            f"{field}={value!r} must be a positive integer.")
 
 
+def _validate_dsa(dsa: ml_collections.ConfigDict) -> None:
+  _check(isinstance(dsa.window, int) and dsa.window >= 1,
+         f"model.dsa.window={dsa.window!r} must be a positive integer.")
+  _check(isinstance(dsa.block, int) and 1 <= dsa.block <= dsa.window + 1,
+         f"model.dsa.block={dsa.block!r} must be in [1, model.dsa.window + 1 = "
+         f"{dsa.window + 1}]: a block's global selection may only read positions before "
+         "the block, and its window must reach back over the block; lower model.dsa.block.")
+  _check_choice(dsa.budget, "model.dsa.budget", dsa_lib.BUDGETS)
+  _check_choice(dsa.score, "model.dsa.score", dsa_lib.SCORES)
+  _check(dsa.budget_value >= 0, f"model.dsa.budget_value={dsa.budget_value} must be >= 0.")
+  if dsa.budget == "fraction":
+    _check(dsa.budget_value <= 1, f"model.dsa.budget_value={dsa.budget_value} is a fraction "
+           "for model.dsa.budget='fraction': use a value in [0, 1].")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks the whole config once; raises ConfigError naming the field and the fix."""
   m, d, t = config.model, config.data, config.train
@@ -186,6 +211,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_choice(m.norm, "model.norm", NORMS)
   _check_choice(m.position, "model.position", POSITIONS)
   _check_choice(m.attention, "model.attention", ATTENTIONS)
+  if m.attention != "dense":
+    _validate_dsa(m.dsa)
   _check_choice(m.remat_policy, "model.remat_policy", remat.names())
   _check_choice(d.tokenizer, "data.tokenizer", TOKENIZERS)
   _check(0.0 <= m.dropout_rate < 1.0, f"model.dropout_rate={m.dropout_rate} must be in [0, 1).")

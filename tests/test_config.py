@@ -69,3 +69,18 @@ def test_json_round_trip_restores_the_config(tmp_path):
   c = tiny_config(str(tmp_path))
   again = config_lib.from_json(config_lib.to_json(c))
   assert again.to_dict() == c.to_dict()
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("block", 40, r"model.dsa.block=40 must be in \[1, model.dsa.window \+ 1 = 33\]"),
+    ("budget", "sqrt", r"model.dsa.budget='sqrt' is not supported"),
+    ("score", "attention_mass", r"model.dsa.score='attention_mass' is not supported"),
+    ("budget_value", 1.5, r"model.dsa.budget_value=1.5 is a fraction"),
+    ("window", 0, r"model.dsa.window=0 must be a positive integer"),
+])
+def test_dsa_fields_are_validated(tmp_path, field, value, message):
+  c = tiny_config(str(tmp_path))
+  c.model.attention = "dsa"
+  c.model.dsa[field] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(c)

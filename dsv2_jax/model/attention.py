@@ -2,8 +2,10 @@
 
 `model.attention` picks the kernel behind the projections: 'dense' is XLA's
 `jax.nn.dot_product_attention` (the reference every sparse variant is tested
-against). Decoding writes keys/values into the 'cache' collection and attends the
-new queries to every filled slot at or before their position.
+against); 'dsa' is dynamic sparse attention (`dsa.py`); 'sliding_window' is DSA
+with a global budget of 0. Decoding writes keys/values (and, for DSA, each token's
+importance score) into the 'cache' collection and attends the new queries to the
+cache under the same mask as a full forward pass.
 
 Shapes follow the repo alphabet (see `dsv2_jax.model`): q [B, T, N, H],
 k/v [B, S, K, H], N a multiple of K.
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 import ml_collections
 
+from dsv2_jax.model import dsa
 from dsv2_jax.model.layers import Einsum, dtype_of
 from dsv2_jax.model.rope import apply_rope
 
@@ -27,6 +30,17 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   """Dense causal softmax attention (XLA). q [B,T,N,H], k/v [B,T,K,H] -> [B,T,N,H]."""
   return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+
+
+def dsa_spec(cfg: ml_collections.ConfigDict) -> dsa.DSASpec | None:
+  """The DSA hyper-parameters of a `model` config; None for dense attention."""
+  if cfg.attention == "dense":
+    return None
+  d = cfg.dsa
+  if cfg.attention == "sliding_window":
+    return dsa.DSASpec(window=d.window, block=d.block, budget="fixed", budget_value=0)
+  return dsa.DSASpec(window=d.window, block=d.block, budget=d.budget,
+                     budget_value=d.budget_value, score=d.score, seed=d.seed)
 
 
 def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -88,23 +102,36 @@ class Attention(nn.Module):
     k = checkpoint_name(k, "key")
     v = checkpoint_name(v, "value")
 
+    spec = dsa_spec(cfg)
     if self.decode:
-      out = self._cached_attention(q, k, v, positions)
-    else:
+      out = self._cached_attention(q, k, v, positions, spec)
+    elif spec is None:
       out = causal_attention(q, k, v)  # [B, T, N, H]
+    else:
+      out = dsa.dsa_attention(q, k, v, spec, positions)
     out = checkpoint_name(out, "attention_out").reshape(b * t, n, h)  # [X, N, H]
     return dense((n, h, d), ("heads", "kv", "embed"), "out", (0, 1))("XNH,NHD->XD", out)
 
-  def _cached_attention(self, q, k, v, positions):
-    """Writes k/v at positions[0, 0]..+T and attends q to all slots <= its position."""
+  def _cached_attention(self, q, k, v, positions, spec):
+    """Writes k/v at positions[0, 0]..+T and attends q to the cache under the mask."""
     initialized = self.has_variable("cache", "cached_key")
     cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)  # [B, S, K, H]
     cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+    if spec is not None:
+      cached_s = self.variable("cache", "cached_scores",
+                               lambda: jnp.full(k.shape[:2], -jnp.inf, jnp.float32))
     if not initialized:  # model.init(..., decode=True) only sizes the cache.
       return causal_attention(q, k, v)
     start = positions[0, 0]
     cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, start, 0, 0))
     cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, start, 0, 0))
     slots = jnp.arange(cached_k.value.shape[1])  # [S]
-    mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
+    if spec is None:
+      mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
+    else:
+      # New tokens' scores first: a query's selection may read earlier new tokens.
+      entropy = dsa.cached_local_entropy(q, cached_k.value, positions, spec.window)
+      scores = dsa.token_scores(spec, entropy, k, positions)
+      cached_s.value = jax.lax.dynamic_update_slice(cached_s.value, scores, (0, start))
+      mask = dsa.cached_mask(spec, cached_s.value, positions)
     return masked_attention(q, cached_k.value, cached_v.value, mask)

@@ -16,6 +16,7 @@ def small_model_config(**kw):
   c = config_lib.default_config().model
   c.update(d_model=32, num_layers=2, num_heads=4, ffn_hidden=48, vocab_size=258,
            max_seq_len=64)
+  c.dsa.update(kw.pop("dsa", {}))
   c.update(kw)
   return c
 
@@ -34,14 +35,20 @@ VARIANTS = [
     dict(position="learned", activation="gelu", norm="layernorm", tie_embeddings=True),
     dict(remat_policy="full"),
     dict(remat_policy="dots", scan_unroll=2),
+    dict(attention="dsa", dsa=dict(window=4, block=4, budget_value=0.3)),
+    dict(attention="dsa", num_kv_heads=2, dsa=dict(window=4, block=2, budget="log",
+                                                   budget_value=2.0, score="key_norm")),
+    dict(attention="sliding_window", dsa=dict(window=3, block=4)),
+    dict(attention="dsa", remat_policy="full", dsa=dict(window=4, block=4, score="random")),
 ]
+DECODE_VARIANTS = VARIANTS[:4] + VARIANTS[6:9]
 
 
 @pytest.mark.parametrize("kw", VARIANTS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
 def test_changing_later_tokens_leaves_earlier_logits_unchanged(kw):
-  model, params, tokens = init(small_model_config(**kw))
+  model, params, tokens = init(small_model_config(**dict(kw)), t=24)
   logits = model.apply({"params": params}, tokens)
-  t = 9
+  t = 13
   changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 7) % 256)
   logits2 = model.apply({"params": params}, changed)
   np.testing.assert_array_equal(np.asarray(logits[:, :t + 1]), np.asarray(logits2[:, :t + 1]))
@@ -49,9 +56,9 @@ def test_changing_later_tokens_leaves_earlier_logits_unchanged(kw):
   assert np.abs(np.asarray(logits[:, t + 1:] - logits2[:, t + 1:])).max() > 1e-3
 
 
-@pytest.mark.parametrize("kw", VARIANTS[:4], ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
+@pytest.mark.parametrize("kw", DECODE_VARIANTS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
 def test_decode_with_cache_equals_full_forward(kw):
-  cfg = small_model_config(**kw)
+  cfg = small_model_config(**dict(kw))
   model, params, tokens = init(cfg, t=16)
   full = model.apply({"params": params}, tokens)
   cache = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 24), jnp.int32), decode=True)["cache"]
