@@ -29,6 +29,7 @@ U blocks of P tokens; M selected tokens per block.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -118,29 +119,53 @@ def token_scores(spec: DSASpec, local_entropy: jax.Array, k: jax.Array,
 
 # --- selection ---------------------------------------------------------------------------
 
-def _rank_valid(spec: DSASpec, values: jax.Array, num_blocks_: int) -> jax.Array:
-  """valid[b, u, m] = slot m holds a real token and m < the block's budget."""
-  ends = (jnp.arange(num_blocks_) + 1) * spec.block  # [U]
-  budget = budget_at(spec, ends)  # [U]
-  ranks = jnp.arange(values.shape[-1])
-  return (values > -jnp.inf) & (ranks[None, None, :] < budget[None, :, None])
+class Selection(NamedTuple):
+  """Each block's `slots` best eligible tokens, best first, and its budget.
+
+  Block u's selected set S_u is the first budget[u] slots. Ties in score rank lower
+  positions first, so S_u = {eligible j : (s_j, -j) >= (s, -position) of its last slot},
+  which lets the global kernel test membership without a search.
+  """
+
+  idx: jax.Array  # int32 [B, U, M] positions (0 in empty slots).
+  vals: jax.Array  # f32 [B, U, M] scores (-inf in empty slots).
+  budget: jax.Array  # int32 [U].
+
+  def valid(self) -> jax.Array:
+    """bool [B, U, M]: the slot holds a token of S_u."""
+    ranks = jnp.arange(self.vals.shape[-1])
+    return (self.vals > -jnp.inf) & (ranks[None, None, :] < self.budget[None, :, None])
+
+  def threshold(self) -> tuple[jax.Array, jax.Array]:
+    """(score, position) of each block's last selected slot, [B, U] each.
+
+    Blocks with budget 0 get score +inf (nothing qualifies).
+    """
+    last = jnp.maximum(self.budget - 1, 0)[None, :, None]  # [1, U, 1]
+    val = jnp.take_along_axis(self.vals, jnp.broadcast_to(last, self.vals.shape[:2] + (1,)),
+                              axis=2)[..., 0]
+    pos = jnp.take_along_axis(self.idx, jnp.broadcast_to(last, self.idx.shape[:2] + (1,)),
+                              axis=2)[..., 0]
+    return jnp.where(self.budget[None, :] > 0, val, jnp.inf), pos
 
 
-def select_global(spec: DSASpec, scores: jax.Array, slots: int
-                  ) -> tuple[jax.Array, jax.Array]:
+def _budgets(spec: DSASpec, num_blocks_: int) -> jax.Array:
+  return budget_at(spec, (jnp.arange(num_blocks_) + 1) * spec.block)
+
+
+def select_global(spec: DSASpec, scores: jax.Array, slots: int) -> Selection:
   """Per block, the `slots` eligible tokens with the highest scores (a running top-k).
+
+  Block u admits the P positions [uP - W, (u + 1)P - W) to the candidates of block
+  u - 1, so the work is O(U (M + P) log M), not O(U T).
 
   Args:
     scores: [B, Tp] f32, Tp a multiple of the block.
     slots: static M, the largest budget of any block.
-
-  Returns:
-    idx int32 [B, U, M] token positions (ordered by score) and valid bool [B, U, M].
   """
   b, tp = scores.shape
   p, w = spec.block, spec.window
   u_blocks = tp // p
-  # Block u newly admits positions [uP - W, (u + 1)P - W): block u of `padded`.
   padded = jnp.pad(scores, ((0, 0), (w, 0)), constant_values=-jnp.inf)[:, :tp]
   new_vals = padded.reshape(b, u_blocks, p).transpose(1, 0, 2)  # [U, B, P]
   new_idx = (jnp.arange(tp) - w).reshape(u_blocks, p)  # [U, P]
@@ -157,12 +182,10 @@ def select_global(spec: DSASpec, scores: jax.Array, slots: int
   init = (jnp.full((b, slots), -jnp.inf, jnp.float32), jnp.zeros((b, slots), jnp.int32))
   _, (vals, idx) = jax.lax.scan(step, init, (new_vals, new_idx))
   vals, idx = vals.transpose(1, 0, 2), idx.transpose(1, 0, 2)  # [B, U, M]
-  valid = _rank_valid(spec, vals, u_blocks)
-  return jnp.where(valid, idx, 0), valid
+  return Selection(jnp.where(vals > -jnp.inf, idx, 0), vals, _budgets(spec, u_blocks))
 
 
-def select_global_reference(spec: DSASpec, scores: jax.Array, slots: int
-                            ) -> tuple[jax.Array, jax.Array]:
+def select_global_reference(spec: DSASpec, scores: jax.Array, slots: int) -> Selection:
   """The same selection by a direct top-k over each block's eligible prefix (oracle)."""
   b, tp = scores.shape
   u_blocks = tp // spec.block
@@ -170,58 +193,96 @@ def select_global_reference(spec: DSASpec, scores: jax.Array, slots: int
   eligible = jnp.arange(tp)[None, :] <= last_eligible[:, None]  # [U, Tp]
   masked = jnp.where(eligible[None], scores[:, None, :], -jnp.inf)  # [B, U, Tp]
   vals, idx = jax.lax.top_k(masked, slots)
-  valid = _rank_valid(spec, vals, u_blocks)
-  return jnp.where(valid, idx, 0).astype(jnp.int32), valid
+  idx = jnp.where(vals > -jnp.inf, idx, 0).astype(jnp.int32)
+  return Selection(idx, vals, _budgets(spec, u_blocks))
 
 
 # --- local part ---------------------------------------------------------------------------
+# The fast path runs head-major: q [B, K, R, T, H], k/v [B, K, T, H], so that every
+# per-block matmul has its batch dimensions leading and needs no transpose.
+
+def to_head_major(q: jax.Array, k: jax.Array, v: jax.Array, length: int):
+  """[B, T, N, H] / [B, T, K, H] -> f32 [B, K, R, Tp, H] / [B, K, Tp, H], zero-padded."""
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  pad = lambda x: jnp.pad(x.astype(jnp.float32), ((0, 0), (0, length - t), (0, 0), (0, 0)))  # noqa: E731
+  qh = pad(q).reshape(b, length, kh, n // kh, h).transpose(0, 2, 3, 1, 4)
+  return qh, pad(k).transpose(0, 2, 1, 3), pad(v).transpose(0, 2, 1, 3)
+
 
 def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int, block: int
                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Blocked sliding-window attention: query t over keys (t - window, t].
 
-  Block u's queries read their own block and the ceil((window - 1) / block) blocks
-  before it: [U, P, S] logits with S = P * (1 + that count). Inputs f32, T a multiple
-  of `block`.
+  Block u's queries read their own block and the `before` = ceil((window - 1) / block)
+  blocks before it. Each of those key blocks is a separate [P, P] piece of logits;
+  the softmax runs over the pieces jointly, so no key span is ever copied.
+
+  Args:
+    q: f32 [B, K, R, Tp, H]; k, v: f32 [B, K, Tp, H]; Tp a multiple of `block`.
 
   Returns:
-    out [B, T, N, H] (normalised), lse [B, T, N], entropy [B, T] (mean over heads, nats).
+    out [B, K, R, Tp, H] (normalised), lse [B, K, R, Tp], entropy [B, Tp] (mean over
+    heads, nats).
   """
-  b, t, n, h = q.shape
-  kh = k.shape[2]
-  r, p = n // kh, block
+  b, kh, r, t, h = q.shape
+  p = block
   u_blocks = t // p
   before = -(-(window - 1) // p)  # Earlier blocks a query's window can reach.
-  span = (before + 1) * p
-  qb = q.reshape(b, u_blocks, p, kh, r, h)
-
-  def spans(x):  # [B, T, K, H] -> [B, U, S, K, H]: blocks u - before .. u.
-    xb = jnp.pad(x.reshape(b, u_blocks, p, kh, h), ((0, 0), (before, 0), (0, 0), (0, 0), (0, 0)))
-    return jnp.concatenate([xb[:, i:i + u_blocks] for i in range(before + 1)], axis=2)
-
-  kl, vl = spans(k), spans(v)
-  logits = jnp.einsum("BUPKRH,BUSKH->BUKRPS", qb, kl) / math.sqrt(h)
-  rel = (before * p + jnp.arange(p))[:, None] - jnp.arange(span)[None, :]  # t - j, [P, S]
-  key_pos = ((jnp.arange(u_blocks) - before) * p)[:, None] + jnp.arange(span)[None, :]
-  mask = (rel >= 0)[None] & (rel < window)[None] & (key_pos >= 0)[:, None, :]  # [U, P, S]
-  logits = jnp.where(mask[None, :, None, None], logits, MASK_VALUE)
-  m = jnp.max(logits, axis=-1, keepdims=True)
-  e = jnp.exp(logits - m)
-  l = jnp.sum(e, axis=-1, keepdims=True)
-  probs = e / l
-  out = jnp.einsum("BUKRPS,BUSKH->BUPKRH", probs, vl).reshape(b, t, n, h)
-  lse = (m + jnp.log(l))[..., 0]  # [B, U, K, R, P]
-  ent = lse - jnp.sum(jax.lax.stop_gradient(probs) * jnp.where(
-      mask[None, :, None, None], logits, 0.0), axis=-1)
-  entropy = jax.lax.stop_gradient(ent).mean(axis=(2, 3)).reshape(b, t)
-  lse = lse.transpose(0, 1, 4, 2, 3).reshape(b, t, n)
-  return out, lse, entropy
+  qb = q.reshape(b, kh, r, u_blocks, p, h)
+  kb, vb = k.reshape(b, kh, u_blocks, p, h), v.reshape(b, kh, u_blocks, p, h)
+  shift = lambda x, i: jnp.pad(x, ((0, 0), (0, 0), (i, 0), (0, 0), (0, 0)))[:, :, :u_blocks]  # noqa: E731
+  query_pos = jnp.arange(p)[:, None]
+  logits, values = [], []
+  for i in range(before + 1):  # Key block u - i.
+    rel = i * p + query_pos - jnp.arange(p)[None, :]  # t - j, [P, P]
+    ok = (rel >= 0) & (rel < window)
+    ok = ok[None] & (jnp.arange(u_blocks) >= i)[:, None, None]  # [U, P, P]
+    piece = jnp.einsum("BKRUPH,BKUSH->BKRUPS", qb, shift(kb, i)) / math.sqrt(h)
+    logits.append(jnp.where(ok, piece, MASK_VALUE))
+    values.append(shift(vb, i))
+  m = functools.reduce(jnp.maximum, [jnp.max(x, axis=-1, keepdims=True) for x in logits])
+  e = [jnp.exp(x - m) for x in logits]
+  l = sum(jnp.sum(x, axis=-1, keepdims=True) for x in e)
+  out = sum(jnp.einsum("BKRUPS,BKUSH->BKRUPH", x, y) for x, y in zip(e, values)) / l
+  lse = (m + jnp.log(l))[..., 0]  # [B, K, R, U, P]
+  # Entropy = lse - E_p[logit]; masked logits have p = 0 (exp underflows), so they add 0.
+  mean_logit = sum(jnp.einsum("BKRUPS,BKRUPS->BKRUP", jax.lax.stop_gradient(x),
+                              jnp.maximum(y, -1e30)) for x, y in zip(e, logits))
+  entropy = jax.lax.stop_gradient(lse - mean_logit / l[..., 0])
+  entropy = jnp.mean(entropy, axis=(1, 2)).reshape(b, t)
+  return out.reshape(b, kh, r, t, h), lse.reshape(b, kh, r, t), entropy
 
 
 # --- the fast path ------------------------------------------------------------------------
 
-def _pad_to_blocks(x: jax.Array, length: int) -> jax.Array:
-  return jnp.pad(x, ((0, 0), (0, length - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
+def _stages(spec: DSASpec, num_blocks_: int) -> list[tuple[int, int, int]]:
+  """(first block, blocks, slots) per stage: with a growing budget, later stages
+  need more slots; a stage computes only the slots its last block may use."""
+  count = min(4, num_blocks_) if spec.budget == "fraction" else 1
+  bounds = [round(i * num_blocks_ / count) for i in range(count + 1)]
+  return [(lo, hi - lo, budget_at(spec, hi * spec.block))
+          for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+
+
+def _global_part(qh, kh_, vh, scores, selection: Selection, spec: DSASpec):
+  """Runs the global kernel stage by stage; returns (out, lse) for all query blocks."""
+  tau_val, tau_pos = selection.threshold()
+  outs, lses = [], []
+  for first, count, slots in _stages(spec, qh.shape[3] // spec.block):
+    rows = slice(first * spec.block, (first + count) * spec.block)
+    blocks = slice(first, first + count)
+    if slots == 0:  # No block of this stage may select anything yet.
+      outs.append(jnp.zeros_like(qh[..., rows, :]))
+      lses.append(jnp.full(qh[..., rows, 0].shape, MASK_VALUE, qh.dtype))
+      continue
+    out, lse = dsa_global.global_attention(
+        qh[..., rows, :], kh_, vh, scores, selection.idx[:, blocks, :slots],
+        selection.vals[:, blocks, :slots], tau_val[:, blocks], tau_pos[:, blocks],
+        spec.window, spec.block, dsa_global.chunk_blocks(slots, spec.block, count), first)
+    outs.append(out)
+    lses.append(lse)
+  return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
 
 
 def dsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: DSASpec,
@@ -235,10 +296,9 @@ def dsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: DSASpec,
     return_scores: also return the [B, T] scores (the decode cache stores them).
   """
   b, t, n, h = q.shape
-  dtype = q.dtype
   tp = num_blocks(spec, t) * spec.block
-  qf, kf, vf = (_pad_to_blocks(x.astype(jnp.float32), tp) for x in (q, k, v))
-  out_l, lse_l, entropy = local_attention(qf, kf, vf, spec.window, spec.block)
+  qh, kh_, vh = to_head_major(q, k, v, tp)
+  out_l, lse_l, entropy = local_attention(qh, kh_, vh, spec.window, spec.block)
   if positions is None:
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
   if scores is None:
@@ -248,15 +308,14 @@ def dsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: DSASpec,
   if slots > 0:
     padded_scores = jnp.pad(scores.astype(jnp.float32), ((0, 0), (0, tp - t)),
                             constant_values=-jnp.inf)
-    idx, valid = select_global(spec, padded_scores, slots)
-    idx = checkpoint_name(idx, "dsa_selection")
-    out_g, lse_g = dsa_global.global_attention(qf, kf, vf, idx, valid, spec.window,
-                                               spec.block)
+    selection = select_global(spec, padded_scores, slots)
+    selection = selection._replace(idx=checkpoint_name(selection.idx, "dsa_selection"))
+    out_g, lse_g = _global_part(qh, kh_, vh, padded_scores, selection, spec)
     lse = jnp.logaddexp(lse_l, lse_g)
     out = (jnp.exp(lse_l - lse)[..., None] * out_l + jnp.exp(lse_g - lse)[..., None] * out_g)
   else:
     out = out_l
-  out = out[:, :t].astype(dtype)
+  out = out.transpose(0, 3, 1, 2, 4).reshape(b, tp, n, h)[:, :t].astype(q.dtype)
   return (out, scores) if return_scores else out
 
 
@@ -273,7 +332,8 @@ def dsa_mask(spec: DSASpec, scores: jax.Array) -> jax.Array:
   local = (kpos <= qpos) & (kpos > qpos - spec.window)  # [T, T]
   mask = jnp.broadcast_to(local, (b, t, t))
   if slots > 0:
-    idx, valid = select_global_reference(spec, padded, slots)  # [B, U, M]
+    selection = select_global_reference(spec, padded, slots)
+    idx, valid = selection.idx, selection.valid()  # [B, U, M]
     chosen = jnp.zeros((b, tp // spec.block, tp), jnp.int32)
     chosen = jax.vmap(jax.vmap(lambda c, i, ok: c.at[i].add(ok.astype(jnp.int32))))(
         chosen, idx, valid) > 0  # [B, U, Tp]

@@ -1,14 +1,26 @@
-"""DSA's global part: each query block attends its M selected keys, with a custom VJP.
+"""DSA's global part: query blocks attend their selected tokens, with a custom VJP.
 
-Block u's queries [uP, uP + P) attend the keys at `idx[:, u]` that are valid and at
-least `window` positions behind the query (closer ones belong to the local part).
-Forward and backward both loop over blocks and gather the M keys inside the loop, so
-memory stays O(T * H + P * M) instead of O(T * M * H): autodiff through a loop that
-reads the full K/V would keep a full-size gradient per iteration. The backward is
-the flash-attention one with an extra cotangent for the log-sum-exp output, which
-the merge with the local part needs:
-  ds = p * (dp - rowsum(do * o) + dlse).
-Shapes: q [B, Tp, N, H] f32 with Tp = U * P; k, v [B, Tp, K, H]; idx, valid [B, U, M].
+Block u's queries [uP, uP + P) attend the tokens of S_u (its selection) that are at
+least `window` positions behind the query; closer ones belong to the local part.
+
+Chunking. Consecutive blocks select nearly the same tokens: block u + 1 only adds
+P newly eligible positions to block u's candidates. So C consecutive blocks share
+one gathered key set: the M slots of the chunk's first block plus the (C - 1)P
+positions admitted after it, a superset of every S_u in the chunk (budgets only
+grow). Membership of a key in S_u is a comparison against the (score, position)
+of S_u's last slot (`Selection.threshold`). One [C P, M + (C - 1) P] matmul per
+chunk replaces C small [P, M] ones; C is chosen so that the extra keys cost at most
+~25% more FLOPs.
+
+Memory. Forward and backward both loop over chunks and gather inside the loop:
+O(T H + C P (M + C P)) memory. (Autodiff through a loop that reads the full K/V
+would keep a full-size gradient per iteration.) The backward is flash attention's,
+plus the cotangent of the log-sum-exp output that the merge with the local part
+needs: ds = p (dp - rowsum(do o) + dlse).
+
+Shapes (head-major, so per-chunk matmuls need no transposes): q [B, K, R, Tp, H] f32,
+Tp = U P; k, v [B, K, Tp, H]; scores [B, Tp]; selection idx/vals [B, U, M];
+thresholds [B, U].
 """
 
 from __future__ import annotations
@@ -20,100 +32,165 @@ import jax
 import jax.numpy as jnp
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+_MAX_CHUNK = 8
 
 
-def _blocks(x: jax.Array, block: int) -> jax.Array:
-  """[B, Tp, ...] -> [U, B, P, ...]."""
-  b, tp = x.shape[:2]
-  return jnp.moveaxis(x.reshape(b, tp // block, block, *x.shape[2:]), 1, 0)
+def chunk_blocks(slots: int, block: int, num_blocks: int) -> int:
+  """Blocks per chunk: extra keys (C - 1) P stay within a quarter of the M slots."""
+  return int(max(1, min(_MAX_CHUNK, num_blocks, 1 + slots // (4 * block))))
 
 
-def _unblocks(x: jax.Array) -> jax.Array:
-  """[U, B, P, ...] -> [B, U * P, ...]."""
-  u, b, p = x.shape[:3]
-  return jnp.moveaxis(x, 0, 1).reshape(b, u * p, *x.shape[3:])
+def _pad_blocks(x: jax.Array, axis: int, count: int, value=0) -> jax.Array:
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, count)
+  return jnp.pad(x, pad, constant_values=value)
 
 
-def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
-  """x [B, Tp, K, H], idx [B, M] -> [B, M, K, H]."""
-  return jnp.take_along_axis(x, idx[:, :, None, None], axis=1)
+class _Chunk:
+  """Keys, positions and mask of one chunk (shared by forward and backward)."""
+
+  def __init__(self, c, k, v, scores, idx, vals, tau_val, tau_pos, window, block, chunk,
+               first_block):
+    b = k.shape[0]
+    cp, extra = chunk * block, (chunk - 1) * block
+    local_u0 = c * chunk  # Block index within this call's queries.
+    u0 = first_block + local_u0  # Absolute block index.
+    first_idx = jax.lax.dynamic_index_in_dim(idx, local_u0, axis=1, keepdims=False)  # [B, M]
+    first_vals = jax.lax.dynamic_index_in_dim(vals, local_u0, axis=1, keepdims=False)
+    # Positions admitted after block u0: [(u0 + 1)P - W, (u0 + C)P - W); k, v and
+    # scores are padded on the left by `window`, so the slice starts at (u0 + 1)P.
+    self.start = (u0 + 1) * block
+    self.gather_idx = first_idx + window
+    take = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, self.start, extra, axis=axis)  # noqa: E731
+    rows = lambda x: jnp.take_along_axis(x, self.gather_idx[:, None, :, None], axis=2)  # noqa: E731
+    cols = lambda x: jnp.take_along_axis(x, self.gather_idx[:, None, None, :], axis=3)  # noqa: E731
+    # k arrives transposed, [B, K, H, Tp], so that q k^T is a plain matmul.
+    self.keys_t = jnp.concatenate([cols(k), take(k, 3)], axis=3)  # [B, K, H, G]
+    self.values = jnp.concatenate([rows(v), take(v, 2)], axis=2)  # [B, K, G, H]
+    new_pos = self.start - window + jnp.arange(extra)
+    pos = jnp.concatenate([first_idx, jnp.broadcast_to(new_pos, (b, extra))], axis=1)
+    key_scores = jnp.concatenate([first_vals, take(scores, 1)], axis=1)  # [B, G]
+    # Membership of each key in each block's selection, then the per-query distance.
+    blocks = u0 + jnp.arange(chunk)  # [C]
+    last_eligible = (blocks + 1) * block - 1 - window
+    tv = jax.lax.dynamic_slice_in_dim(tau_val, local_u0, chunk, axis=1)[:, :, None]  # [B,C,1]
+    tpos = jax.lax.dynamic_slice_in_dim(tau_pos, local_u0, chunk, axis=1)[:, :, None]
+    s, p = key_scores[:, None, :], pos[:, None, :]
+    member = ((p <= last_eligible[None, :, None]) & (s > -jnp.inf)
+              & ((s > tv) | ((s == tv) & (p <= tpos))))  # [B, C, G]
+    tq = u0 * block + jnp.arange(cp)  # [CP]
+    member = jnp.repeat(member, block, axis=1)  # [B, CP, G]
+    self.allowed = (member & (p <= (tq - window)[None, :, None]))[:, None, None]  # [B,1,1,CP,G]
+    self.cp = cp
 
 
-def _block_logits(qb, ks, idx_u, valid_u, u, window, block):
-  """Scaled, masked logits [B, K, R, P, M] of one block, and the mask."""
-  b, p, n, h = qb.shape
-  kh = ks.shape[2]
-  q5 = qb.reshape(b, p, kh, n // kh, h)
-  logits = jnp.einsum("BPKRH,BMKH->BKRPM", q5, ks) / math.sqrt(h)
-  tq = u * block + jnp.arange(p)  # [P]
-  allowed = valid_u[:, None, :] & (idx_u[:, None, :] <= tq[None, :, None] - window)  # [B,P,M]
-  allowed = allowed[:, None, None]  # [B, 1, 1, P, M]
-  return jnp.where(allowed, logits, MASK_VALUE), allowed
+def _logits(q_chunk, chunk: _Chunk):
+  """q_chunk [B, K, R, CP, H] -> masked, scaled logits [B, K, R, CP, G]."""
+  logits = jnp.einsum("BKRTH,BKHG->BKRTG", q_chunk, chunk.keys_t) / math.sqrt(q_chunk.shape[-1])
+  return jnp.where(chunk.allowed, logits, MASK_VALUE)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def global_attention(q, k, v, idx, valid, window: int, block: int):
-  """Returns (out [B, Tp, N, H], lse [B, Tp, N]); rows with no key get lse = MASK, out 0."""
-  return _forward(q, k, v, idx, valid, window, block)[0]
+def _prepare(q, k, v, scores, idx, vals, tau_val, tau_pos, window, block, chunk, first_block):
+  """Pads the query blocks to a multiple of the chunk, and k/v/scores on the left by
+  `window` and on the right as far as the last chunk's admitted positions reach."""
+  u_blocks = q.shape[3] // block
+  extra_blocks = -u_blocks % chunk
+  rows = extra_blocks * block
+  q = jnp.pad(q, ((0, 0),) * 3 + ((0, rows), (0, 0)))
+  idx, vals = _pad_blocks(idx, 1, extra_blocks), _pad_blocks(vals, 1, extra_blocks, -jnp.inf)
+  tau_val = _pad_blocks(tau_val, 1, extra_blocks, jnp.inf)
+  tau_pos = _pad_blocks(tau_pos, 1, extra_blocks)
+  right = max(0, (first_block + u_blocks + extra_blocks) * block - k.shape[2])
+  kv_pad = ((0, 0), (0, 0), (window, right), (0, 0))
+  scores = jnp.pad(scores, ((0, 0), (window, right)), constant_values=-jnp.inf)
+  k_t = jnp.pad(k, kv_pad).transpose(0, 1, 3, 2)  # [B, K, H, W + T + right]
+  return q, k_t, jnp.pad(v, kv_pad), scores, idx, vals, tau_val, tau_pos
 
 
-def _forward(q, k, v, idx, valid, window, block):
-  b, tp, n, h = q.shape
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
+def global_attention(q, k, v, scores, idx, vals, tau_val, tau_pos, window: int, block: int,
+                     chunk: int, first_block: int = 0):
+  """Global attention of the query blocks [first_block, first_block + U).
 
-  def body(_, xs):
-    qb, idx_u, valid_u, u = xs
-    ks, vs = _gather(k, idx_u), _gather(v, idx_u)
-    logits, allowed = _block_logits(qb, ks, idx_u, valid_u, u, window, block)
+  Args:
+    q: [B, K, R, U P, H] those blocks' queries; k, v: [B, K, T, H]; scores: [B, T];
+    idx, vals: [B, U, M]; tau_val, tau_pos: [B, U] (see `Selection`).
+
+  Returns:
+    (out [B, K, R, U P, H], lse [B, K, R, U P]); rows with no allowed key: out 0, lse MASK.
+  """
+  return _forward(q, k, v, scores, idx, vals, tau_val, tau_pos, window, block, chunk,
+                  first_block)[0]
+
+
+def _forward(q, k, v, scores, idx, vals, tau_val, tau_pos, window, block, chunk, first_block):
+  tq = q.shape[3]
+  qp, kp, vp, sp, idx_p, vals_p, tv, tpos = _prepare(q, k, v, scores, idx, vals, tau_val,
+                                                     tau_pos, window, block, chunk, first_block)
+  size = chunk * block
+
+  def body(c, carry):
+    out, lse = carry
+    ch = _Chunk(c, kp, vp, sp, idx_p, vals_p, tv, tpos, window, block, chunk, first_block)
+    q_chunk = jax.lax.dynamic_slice_in_dim(qp, c * size, size, axis=3)
+    logits = _logits(q_chunk, ch)
     m = jnp.max(logits, axis=-1, keepdims=True)
-    e = jnp.where(allowed, jnp.exp(logits - m), 0.0)
-    l = jnp.sum(e, axis=-1, keepdims=True)
-    out = jnp.einsum("BKRPM,BMKH->BPKRH", e, vs) / jnp.moveaxis(jnp.maximum(l, 1e-30), 3, 1)
-    lse = jnp.where(l > 0, m + jnp.log(jnp.maximum(l, 1e-30)), MASK_VALUE)[..., 0]
-    lse = jnp.moveaxis(lse, 3, 1).reshape(b, block, n)  # [B, P, N]
-    return None, (out.reshape(b, block, n, h), lse)
+    e = jnp.exp(logits - m)  # Masked logits underflow to 0 unless the row is empty.
+    empty = m <= MASK_VALUE / 2  # [B, K, R, CP, 1]
+    l = jnp.where(empty, 1.0, jnp.sum(e, axis=-1, keepdims=True))
+    o = jnp.where(empty, 0.0, jnp.einsum("BKRTG,BKGH->BKRTH", e, ch.values) / l)
+    row_lse = jnp.where(empty, MASK_VALUE, m + jnp.log(l))[..., 0]
+    out = jax.lax.dynamic_update_slice_in_dim(out, o, c * size, axis=3)
+    lse = jax.lax.dynamic_update_slice_in_dim(lse, row_lse, c * size, axis=3)
+    return out, lse
 
-  u_blocks = tp // block
-  xs = (_blocks(q, block), jnp.moveaxis(idx, 1, 0), jnp.moveaxis(valid, 1, 0),
-        jnp.arange(u_blocks))
-  _, (out, lse) = jax.lax.scan(body, None, xs)
-  out, lse = _unblocks(out), _unblocks(lse)
-  return (out, lse), (q, k, v, idx, valid, out, lse)
+  init = (jnp.zeros_like(qp), jnp.zeros(qp.shape[:4], qp.dtype))
+  out, lse = jax.lax.fori_loop(0, qp.shape[3] // size, body, init)
+  out, lse = out[..., :tq, :], lse[..., :tq]
+  return (out, lse), (q, k, v, scores, idx, vals, tau_val, tau_pos, out, lse)
 
 
-def _backward(window, block, residuals, cotangents):
-  q, k, v, idx, valid, out, lse = residuals
+def _backward(window, block, chunk, first_block, residuals, cotangents):
+  q, k, v, scores, idx, vals, tau_val, tau_pos, out, lse = residuals
   d_out, d_lse = cotangents
-  b, tp, n, h = q.shape
-  kh = k.shape[2]
-  delta = jnp.sum(d_out * out, axis=-1)  # [B, Tp, N]
+  b, tq, t = q.shape[0], q.shape[3], k.shape[2]
+  delta = jnp.sum(d_out * out, axis=-1)  # [B, K, R, U P]
+  qp, kp, vp, sp, idx_p, vals_p, tv, tpos = _prepare(q, k, v, scores, idx, vals, tau_val,
+                                                     tau_pos, window, block, chunk, first_block)
+  rows = qp.shape[3] - tq
+  pad_rows = lambda x: jnp.pad(x, ((0, 0),) * 3 + ((0, rows),) + ((0, 0),) * (x.ndim - 4))  # noqa: E731
+  d_out, lse, delta, d_lse = pad_rows(d_out), pad_rows(lse), pad_rows(delta), pad_rows(d_lse)
   batch = jnp.arange(b)[:, None]
+  m = idx.shape[-1]
+  size = chunk * block
+  scale = 1.0 / math.sqrt(q.shape[-1])
 
-  def to_heads(x):  # [B, P, N] -> [B, K, R, P, 1]
-    return jnp.moveaxis(x.reshape(b, block, kh, n // kh), 1, 3)[..., None]
+  def body(c, carry):
+    dq, dk, dv = carry  # dk, dv: [B, K, W + T + right, H], padded like v.
+    ch = _Chunk(c, kp, vp, sp, idx_p, vals_p, tv, tpos, window, block, chunk, first_block)
+    piece = lambda x: jax.lax.dynamic_slice_in_dim(x, c * size, size, axis=3)  # noqa: E731
+    q_chunk, do_chunk = piece(qp), piece(d_out)
+    logits = _logits(q_chunk, ch)
+    p = jnp.exp(logits - piece(lse)[..., None])  # 0 where masked (rows are never empty
+    p = jnp.where(ch.allowed, p, 0.0)            # of mass unless lse is MASK).
+    dp = jnp.einsum("BKRTH,BKGH->BKRTG", do_chunk, ch.values)
+    ds = p * (dp - piece(delta)[..., None] + piece(d_lse)[..., None]) * scale
+    dq_c = jnp.einsum("BKRTG,BKHG->BKRTH", ds, ch.keys_t)
+    dkeys = jnp.einsum("BKRTG,BKRTH->BGKH", ds, q_chunk)  # Rows first for the scatter.
+    dvals = jnp.einsum("BKRTG,BKRTH->BGKH", p, do_chunk)
+    dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_c, c * size, axis=3)
+    dk = dk.at[batch, :, ch.gather_idx].add(dkeys[:, :m])  # [B, M] rows of [B, K, Tp', H]
+    dv = dv.at[batch, :, ch.gather_idx].add(dvals[:, :m])
+    add_slice = lambda acc, x: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+        acc, jax.lax.dynamic_slice_in_dim(acc, ch.start, x.shape[2], 2) + x, ch.start, 2)
+    dk = add_slice(dk, jnp.moveaxis(dkeys[:, m:], 1, 2))
+    dv = add_slice(dv, jnp.moveaxis(dvals[:, m:], 1, 2))
+    return dq, dk, dv
 
-  def body(carry, xs):
-    dk, dv = carry
-    qb, dob, lse_b, delta_b, dlse_b, idx_u, valid_u, u = xs
-    ks, vs = _gather(k, idx_u), _gather(v, idx_u)
-    logits, allowed = _block_logits(qb, ks, idx_u, valid_u, u, window, block)
-    p = jnp.where(allowed, jnp.exp(logits - to_heads(lse_b)), 0.0)  # [B, K, R, P, M]
-    do5 = dob.reshape(b, block, kh, n // kh, h)
-    q5 = qb.reshape(b, block, kh, n // kh, h)
-    dp = jnp.einsum("BPKRH,BMKH->BKRPM", do5, vs)
-    ds = p * (dp - to_heads(delta_b) + to_heads(dlse_b)) / math.sqrt(h)
-    dq_b = jnp.einsum("BKRPM,BMKH->BPKRH", ds, ks).reshape(b, block, n, h)
-    dks = jnp.einsum("BKRPM,BPKRH->BMKH", ds, q5)
-    dvs = jnp.einsum("BKRPM,BPKRH->BMKH", p, do5)
-    dk = dk.at[batch, idx_u].add(dks)
-    dv = dv.at[batch, idx_u].add(dvs)
-    return (dk, dv), dq_b
-
-  u_blocks = tp // block
-  xs = (_blocks(q, block), _blocks(d_out, block), _blocks(lse, block), _blocks(delta, block),
-        _blocks(d_lse, block), jnp.moveaxis(idx, 1, 0), jnp.moveaxis(valid, 1, 0),
-        jnp.arange(u_blocks))
-  (dk, dv), dq = jax.lax.scan(body, (jnp.zeros_like(k), jnp.zeros_like(v)), xs)
-  return _unblocks(dq), dk, dv, None, None
+  init = (jnp.zeros_like(qp), jnp.zeros_like(vp), jnp.zeros_like(vp))
+  dq, dk, dv = jax.lax.fori_loop(0, qp.shape[3] // size, body, init)
+  dk, dv = dk[:, :, window:window + t], dv[:, :, window:window + t]
+  return dq[..., :tq, :], dk, dv, None, None, None, None, None
 
 
 global_attention.defvjp(_forward, _backward)

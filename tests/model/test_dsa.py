@@ -113,8 +113,8 @@ def test_running_selection_equals_direct_top_k(budget, value):
   spec = Spec(window=16, block=16, budget=budget, budget_value=value)
   scores = jnp.asarray(np.random.RandomState(3).rand(2, 320), jnp.float32)
   slots = dsa.max_budget(spec, 320)
-  idx, valid = dsa.select_global(spec, scores, slots)
-  ref_idx, ref_valid = dsa.select_global_reference(spec, scores, slots)
+  sel, ref = dsa.select_global(spec, scores, slots), dsa.select_global_reference(spec, scores, slots)
+  idx, valid, ref_idx, ref_valid = sel.idx, sel.valid(), ref.idx, ref.valid()
   np.testing.assert_array_equal(valid, ref_valid)
   np.testing.assert_array_equal(np.where(valid, idx, -1), np.where(ref_valid, ref_idx, -1))
   counts = valid.sum(-1)[0]  # Budgets grow with the block's end position.
@@ -126,11 +126,13 @@ def test_selection_of_a_block_reads_no_score_at_or_after_the_block():
   rng = np.random.RandomState(0)
   scores = rng.rand(1, 128).astype(np.float32)
   slots = dsa.max_budget(spec, 128)
-  idx, valid = dsa.select_global(spec, jnp.asarray(scores), slots)
+  sel = dsa.select_global(spec, jnp.asarray(scores), slots)
+  idx, valid = sel.idx, sel.valid()
   for u in (3, 7, 12):
     changed = scores.copy()
     changed[:, u * spec.block:] = rng.rand(1, 128 - u * spec.block) * 10  # Future scores.
-    idx2, valid2 = dsa.select_global(spec, jnp.asarray(changed), slots)
+    sel2 = dsa.select_global(spec, jnp.asarray(changed), slots)
+    idx2, valid2 = sel2.idx, sel2.valid()
     np.testing.assert_array_equal(idx[:, :u + 1], idx2[:, :u + 1])
     np.testing.assert_array_equal(valid[:, :u + 1], valid2[:, :u + 1])
     assert not np.array_equal(idx[:, u + 1:], idx2[:, u + 1:])  # Later blocks do change.
@@ -152,11 +154,10 @@ def test_changing_later_tokens_leaves_earlier_outputs_unchanged(score):
 
 def test_fast_entropy_equals_dense_entropy():
   q, k, v = qkv(2, 70, 4, 2, 8)
-  _, _, entropy = dsa.local_attention(*(jnp.pad(x, ((0, 0), (0, 2), (0, 0), (0, 0)))
-                                        for x in (q, k, v)), window=8, block=8)
-  np.testing.assert_allclose(entropy[:, :70], dsa.reference_local_entropy(q, k, 8),
-                             atol=1e-5)
-  assert float(entropy[0, 0]) == pytest.approx(0.0, abs=1e-6)  # One key: zero entropy.
+  spec = Spec(window=8, block=8, score="entropy")
+  _, scores = dsa.dsa_attention(q, k, v, spec, return_scores=True)
+  np.testing.assert_allclose(scores, dsa.reference_local_entropy(q, k, 8), atol=1e-5)
+  assert float(scores[0, 0]) == pytest.approx(0.0, abs=1e-6)  # One key: zero entropy.
 
 
 def test_compiled_memory_grows_linearly_not_quadratically():

@@ -1,0 +1,277 @@
+"""DSA vs dense attention: time, FLOPs and memory against sequence length, in one run.
+
+Implementations, on the same random q/k/v (B = 1, N = 8 heads, H = 64, f32):
+  dense           XLA causal attention (`jax.nn.dot_product_attention`, implementation='xla')
+  sliding_window  DSA with a global budget of 0 (our blocked local window, W = 32)
+  dsa_fraction    DSA, W = 32, P = 32, global budget 15% of the length (the article's p)
+  dsa_log         DSA, W = 32, P = 32, global budget 16 * log2(length)
+  torch_sdpa      PyTorch's fused CPU attention (`scaled_dot_product_attention`, causal),
+                  when torch is importable: what a user would pick instead.
+
+Per (impl, n): forward and forward+backward wall time (best of --repeats, cases
+interleaved), FLOPs (`flops`: executed matmul FLOPs counted analytically, since XLA's
+cost analysis counts a loop body once; `compiled_flops`: XLA's own count), and
+compiled temp memory of the forward (`temp_bytes`) and forward+backward
+(`temp_bytes_fwd_bwd`). A case whose compiled memory exceeds --memory_fraction of the
+machine's available memory is recorded as skipped with that memory; cases above 2 GiB
+run in a child process so that running out of memory cannot lose the run. Fitted
+exponents (time ~ n^a over n >= 2048) and a log-log plot complete the output.
+
+  python experiments/dsa_benchmark.py --out docs/figures/dsa_benchmark.json
+  python experiments/dsa_benchmark.py --quick --out /tmp/dsa_quick.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv2_jax.model import dsa
+
+B, N, H = 1, 8, 64
+WINDOW, BLOCK = 32, 32
+SPECS = {
+    "sliding_window": dsa.DSASpec(WINDOW, BLOCK, "fixed", 0),
+    "dsa_fraction": dsa.DSASpec(WINDOW, BLOCK, "fraction", 0.15),
+    "dsa_log": dsa.DSASpec(WINDOW, BLOCK, "log", 16.0),
+}
+JAX_IMPLS = ("dense", "sliding_window", "dsa_fraction", "dsa_log")
+ISOLATE_BYTES = 2 << 30
+
+
+def attention_fn(impl: str) -> Callable:
+  if impl == "dense":
+    return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                        implementation="xla")
+  return functools.partial(dsa.dsa_attention, spec=SPECS[impl])
+
+
+def analytic_flops(impl: str, n: int) -> tuple[float, float]:
+  """Executed matmul FLOPs (forward, forward+backward)."""
+  if impl in ("dense", "torch_sdpa"):
+    keys = n if impl == "dense" else (n + 1) / 2  # XLA:CPU computes every score.
+    fwd = 4.0 * B * N * n * keys * H
+    return fwd, 3.0 * fwd if impl == "dense" else 3.5 * fwd  # Flash recomputes QK^T.
+  spec = SPECS[impl]
+  tp = dsa.num_blocks(spec, n) * spec.block
+  span = (1 + -(-(spec.window - 1) // spec.block)) * spec.block
+  local = 4.0 * B * N * tp * span * H
+  glob = 4.0 * B * N * tp * dsa.max_budget(spec, tp) * H
+  return local + glob, 3.0 * local + 3.5 * glob  # The global VJP recomputes QK^T.
+
+
+def inputs(n: int, seed: int = 0):
+  rng = np.random.RandomState(seed)
+  return tuple(jnp.asarray(rng.randn(B, n, N, H), jnp.float32) for _ in range(3))
+
+
+class JaxCase:
+  """Compiled forward and forward+backward of one implementation at one length."""
+
+  def __init__(self, impl: str, n: int):
+    fn = attention_fn(impl)
+    shape = jax.ShapeDtypeStruct((B, n, N, H), jnp.float32)
+    self.fwd = jax.jit(fn).lower(shape, shape, shape).compile()
+    grad = jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * q), argnums=(0, 1, 2))
+    self.fwd_bwd = jax.jit(grad).lower(shape, shape, shape).compile()
+    self.stats = {
+        "temp_bytes": int(self.fwd.memory_analysis().temp_size_in_bytes),
+        "temp_bytes_fwd_bwd": int(self.fwd_bwd.memory_analysis().temp_size_in_bytes),
+        "compiled_flops": float(self.fwd.cost_analysis().get("flops", float("nan"))),
+    }
+    self.args = inputs(n)
+
+  def time(self, which: str) -> float:
+    fn = self.fwd if which == "fwd" else self.fwd_bwd
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*self.args))
+    return time.perf_counter() - start
+
+
+class TorchCase:
+  """torch.nn.functional.scaled_dot_product_attention, causal, [B, N, T, H] layout."""
+
+  def __init__(self, n: int):
+    import torch  # pylint: disable=g-import-not-at-top
+    self.torch = torch
+    torch.set_num_threads(os.cpu_count() or 1)
+    g = torch.Generator().manual_seed(0)
+    self.qkv = [torch.randn(B, N, n, H, generator=g, requires_grad=True) for _ in range(3)]
+    self.stats = {"temp_bytes": None, "temp_bytes_fwd_bwd": None, "compiled_flops": None}
+
+  def time(self, which: str) -> float:
+    torch = self.torch
+    q, k, v = self.qkv
+    start = time.perf_counter()
+    if which == "fwd":
+      with torch.no_grad():
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:
+      out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+      torch.autograd.grad((out * q).sum(), (q, k, v))
+    return time.perf_counter() - start
+
+
+def torch_available() -> bool:
+  try:
+    import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    return True
+  except ImportError:
+    return False
+
+
+def available_bytes() -> int:
+  with open("/proc/meminfo") as f:
+    for line in f:
+      if line.startswith("MemAvailable:"):
+        return int(line.split()[1]) * 1024
+  return 16 << 30
+
+
+def measure(case, repeats: int) -> dict[str, float]:
+  """Best-of-`repeats` times after one warm-up call, forward and backward interleaved."""
+  case.time("fwd")
+  case.time("fwd_bwd")
+  fwd, fwd_bwd = [], []
+  for _ in range(repeats):
+    fwd.append(case.time("fwd"))
+    fwd_bwd.append(case.time("fwd_bwd"))
+  return {"fwd_ms": 1e3 * min(fwd), "fwd_bwd_ms": 1e3 * min(fwd_bwd)}
+
+
+def run_isolated(impl: str, n: int, repeats: int) -> dict[str, Any]:
+  """Times one big case in a child process; a crash (e.g. out of memory) is recorded."""
+  cmd = [sys.executable, __file__, "--single", f"{impl}:{n}", "--repeats", str(repeats),
+         "--out", "-"]
+  proc = subprocess.run(cmd, capture_output=True, text=True)
+  if proc.returncode != 0:
+    return {"skipped": f"child process failed (exit {proc.returncode}): "
+                       f"{proc.stderr.strip().splitlines()[-1:]}"}
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def fit_exponent(records: list[dict[str, Any]], impl: str, key: str, min_n: int) -> float | None:
+  pts = [(r["seq_len"], r[key]) for r in records
+         if r["impl"] == impl and r.get(key) and r["seq_len"] >= min_n]
+  if len(pts) < 2:
+    return None
+  x, y = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
+  return float(np.polyfit(x, y, 1)[0])
+
+
+def plot(records: list[dict[str, Any]], path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+  for ax, key, title in zip(axes, ("fwd_ms", "fwd_bwd_ms", "temp_bytes_fwd_bwd"),
+                            ("forward (ms)", "forward + backward (ms)", "fwd+bwd temp memory (bytes)")):
+    for impl in sorted({r["impl"] for r in records}):
+      pts = sorted((r["seq_len"], r[key]) for r in records if r["impl"] == impl and r.get(key))
+      if pts:
+        ax.plot(*zip(*pts), marker="o", label=impl)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length n")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+  axes[0].legend()
+  fig.suptitle(f"Attention cost vs n (B={B}, N={N}, H={H}, f32, {jax.devices()[0].device_kind})")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def single(spec: str, repeats: int) -> dict[str, Any]:
+  impl, n = spec.split(":")
+  n = int(n)
+  case = TorchCase(n) if impl == "torch_sdpa" else JaxCase(impl, n)
+  return {**case.stats, **measure(case, repeats)}
+
+
+def main(argv: list[str]) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", required=True, help="JSON file ('-' for stdout).")
+  parser.add_argument("--lengths", default="512,1024,2048,4096,8192,16384")
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--memory_fraction", type=float, default=0.8)
+  parser.add_argument("--no_torch", action="store_true")
+  parser.add_argument("--quick", action="store_true", help="n <= 2048, 2 repeats (< 2 min).")
+  parser.add_argument("--single", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.single:
+    print(json.dumps(single(args.single, args.repeats)))
+    return
+  if args.quick:
+    args.lengths, args.repeats = "512,1024,2048", 2
+
+  impls = list(JAX_IMPLS) + (["torch_sdpa"] if torch_available() and not args.no_torch else [])
+  budget = args.memory_fraction * available_bytes()
+  records = []
+  for n in (int(x) for x in args.lengths.split(",")):
+    for impl in impls:  # Interleaved: every impl at this n, then the next n.
+      fwd_flops, fwd_bwd_flops = analytic_flops(impl, n)
+      record: dict[str, Any] = {"impl": impl, "seq_len": n, "flops": fwd_flops,
+                                "flops_fwd_bwd": fwd_bwd_flops}
+      if impl == "torch_sdpa":
+        record.update(single(f"{impl}:{n}", args.repeats) if n <= 8192 else
+                      run_isolated(impl, n, args.repeats))
+      else:
+        shape = jax.ShapeDtypeStruct((B, n, N, H), jnp.float32)
+        fn = attention_fn(impl)
+        fwd_mem = jax.jit(fn).lower(shape, shape, shape).compile().memory_analysis()
+        need = int(fwd_mem.temp_size_in_bytes)
+        record["temp_bytes"] = need
+        if need > budget:
+          record["skipped"] = f"forward needs {need / 2**30:.1f} GiB > {budget / 2**30:.1f} GiB"
+        elif need > ISOLATE_BYTES:
+          record.update(run_isolated(impl, n, args.repeats))
+        else:
+          record.update(single(f"{impl}:{n}", args.repeats))
+        grad_need = record.get("temp_bytes_fwd_bwd")
+        if grad_need is None:  # Not run: report what the backward would need.
+          grad = jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * q), argnums=(0, 1, 2))
+          record["temp_bytes_fwd_bwd"] = int(
+              jax.jit(grad).lower(shape, shape, shape).compile().memory_analysis().temp_size_in_bytes)
+      records.append(record)
+      print(json.dumps({k: (round(v, 1) if isinstance(v, float) else v)
+                        for k, v in record.items()}), flush=True)
+
+  summary = {}
+  for impl in impls:
+    summary[impl] = {f"exponent_{key}": fit_exponent(records, impl, key, 2048)
+                     for key in ("fwd_ms", "fwd_bwd_ms", "flops", "temp_bytes_fwd_bwd")}
+  for n in sorted({r["seq_len"] for r in records}):
+    by = {r["impl"]: r for r in records if r["seq_len"] == n}
+    for impl in ("dsa_fraction", "dsa_log", "sliding_window"):
+      for ref in ("dense", "torch_sdpa"):
+        for key in ("fwd_ms", "fwd_bwd_ms", "temp_bytes_fwd_bwd"):
+          a, b = by.get(impl, {}).get(key), by.get(ref, {}).get(key)
+          if a and b:
+            summary.setdefault("ratios", {}).setdefault(f"{ref}/{impl}", {})[f"{key}@{n}"] = b / a
+  result = {"command": " ".join(["python", "experiments/dsa_benchmark.py", *argv]),
+            "shape": {"batch": B, "heads": N, "head_dim": H, "window": WINDOW, "block": BLOCK},
+            "device": jax.devices()[0].device_kind, "records": records, "summary": summary}
+  text = json.dumps(result, indent=2)
+  if args.out == "-":
+    print(text)
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "w") as f:
+    f.write(text)
+  plot(records, os.path.splitext(args.out)[0] + ".png")
+  print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
