@@ -12,9 +12,11 @@ Per (impl, n): forward and forward+backward wall time (best of --repeats, cases
 interleaved), FLOPs (`flops`: executed matmul FLOPs counted analytically, since XLA's
 cost analysis counts a loop body once; `compiled_flops`: XLA's own count), and
 compiled temp memory of the forward (`temp_bytes`) and forward+backward
-(`temp_bytes_fwd_bwd`). A case whose compiled memory exceeds --memory_fraction of the
-machine's available memory is recorded as skipped with that memory; cases above 2 GiB
-run in a child process so that running out of memory cannot lose the run. Fitted
+(`temp_bytes_fwd_bwd`). Both passes are compiled (which allocates nothing) before
+either runs: a pass whose compiled memory exceeds --memory_fraction of the machine's
+available memory is not run and is recorded as `fwd_skipped` / `fwd_bwd_skipped` with
+that memory; passes above 2 GiB run in a child process so that running out of memory
+cannot lose the run. Fitted
 exponents (time ~ n^a over n >= 2048) and a log-log plot complete the output.
 
   python experiments/dsa_benchmark.py --out docs/figures/dsa_benchmark.json
@@ -57,6 +59,19 @@ def attention_fn(impl: str) -> Callable:
   return functools.partial(dsa.dsa_attention, spec=SPECS[impl])
 
 
+def compile_pair(impl: str, n: int):
+  """Compiles (without running) the forward and the forward+backward at length n."""
+  fn = attention_fn(impl)
+  shape = jax.ShapeDtypeStruct((B, n, N, H), jnp.float32)
+  grad = jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * q), argnums=(0, 1, 2))
+  return (jax.jit(fn).lower(shape, shape, shape).compile(),
+          jax.jit(grad).lower(shape, shape, shape).compile())
+
+
+def temp_bytes(compiled) -> int:
+  return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
 def analytic_flops(impl: str, n: int) -> tuple[float, float]:
   """Executed matmul FLOPs (forward, forward+backward)."""
   if impl in ("dense", "torch_sdpa"):
@@ -80,14 +95,10 @@ class JaxCase:
   """Compiled forward and forward+backward of one implementation at one length."""
 
   def __init__(self, impl: str, n: int):
-    fn = attention_fn(impl)
-    shape = jax.ShapeDtypeStruct((B, n, N, H), jnp.float32)
-    self.fwd = jax.jit(fn).lower(shape, shape, shape).compile()
-    grad = jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * q), argnums=(0, 1, 2))
-    self.fwd_bwd = jax.jit(grad).lower(shape, shape, shape).compile()
+    self.fwd, self.fwd_bwd = compile_pair(impl, n)
     self.stats = {
-        "temp_bytes": int(self.fwd.memory_analysis().temp_size_in_bytes),
-        "temp_bytes_fwd_bwd": int(self.fwd_bwd.memory_analysis().temp_size_in_bytes),
+        "temp_bytes": temp_bytes(self.fwd),
+        "temp_bytes_fwd_bwd": temp_bytes(self.fwd_bwd),
         "compiled_flops": float(self.fwd.cost_analysis().get("flops", float("nan"))),
     }
     self.args = inputs(n)
@@ -139,21 +150,21 @@ def available_bytes() -> int:
   return 16 << 30
 
 
-def measure(case, repeats: int) -> dict[str, float]:
-  """Best-of-`repeats` times after one warm-up call, forward and backward interleaved."""
-  case.time("fwd")
-  case.time("fwd_bwd")
-  fwd, fwd_bwd = [], []
+def measure(case, repeats: int, which: tuple[str, ...] = ("fwd", "fwd_bwd")) -> dict[str, float]:
+  """Best-of-`repeats` times after one warm-up call, the `which` passes interleaved."""
+  times: dict[str, list[float]] = {w: [] for w in which}
+  for w in which:
+    case.time(w)
   for _ in range(repeats):
-    fwd.append(case.time("fwd"))
-    fwd_bwd.append(case.time("fwd_bwd"))
-  return {"fwd_ms": 1e3 * min(fwd), "fwd_bwd_ms": 1e3 * min(fwd_bwd)}
+    for w in which:
+      times[w].append(case.time(w))
+  return {f"{w}_ms": 1e3 * min(t) for w, t in times.items()}
 
 
-def run_isolated(impl: str, n: int, repeats: int) -> dict[str, Any]:
+def run_isolated(impl: str, n: int, repeats: int, which: tuple[str, ...]) -> dict[str, Any]:
   """Times one big case in a child process; a crash (e.g. out of memory) is recorded."""
-  cmd = [sys.executable, __file__, "--single", f"{impl}:{n}", "--repeats", str(repeats),
-         "--out", "-"]
+  cmd = [sys.executable, __file__, "--single", f"{impl}:{n}:{'+'.join(which)}",
+         "--repeats", str(repeats), "--out", "-"]
   proc = subprocess.run(cmd, capture_output=True, text=True)
   if proc.returncode != 0:
     return {"skipped": f"child process failed (exit {proc.returncode}): "
@@ -193,10 +204,11 @@ def plot(records: list[dict[str, Any]], path: str) -> None:
 
 
 def single(spec: str, repeats: int) -> dict[str, Any]:
-  impl, n = spec.split(":")
-  n = int(n)
-  case = TorchCase(n) if impl == "torch_sdpa" else JaxCase(impl, n)
-  return {**case.stats, **measure(case, repeats)}
+  """Runs `impl:n[:fwd+fwd_bwd]` in this process."""
+  impl, n, *which = spec.split(":")
+  which = tuple(which[0].split("+")) if which else ("fwd", "fwd_bwd")
+  case = TorchCase(int(n)) if impl == "torch_sdpa" else JaxCase(impl, int(n))
+  return {**case.stats, **measure(case, repeats, which)}
 
 
 def main(argv: list[str]) -> None:
@@ -206,6 +218,8 @@ def main(argv: list[str]) -> None:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--memory_fraction", type=float, default=0.8)
   parser.add_argument("--no_torch", action="store_true")
+  parser.add_argument("--impls", default=",".join(JAX_IMPLS) + ",torch_sdpa",
+                      help="Comma-separated subset of implementations.")
   parser.add_argument("--quick", action="store_true", help="n <= 2048, 2 repeats (< 2 min).")
   parser.add_argument("--single", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -215,7 +229,8 @@ def main(argv: list[str]) -> None:
   if args.quick:
     args.lengths, args.repeats = "512,1024,2048", 2
 
-  impls = list(JAX_IMPLS) + (["torch_sdpa"] if torch_available() and not args.no_torch else [])
+  impls = [i for i in args.impls.split(",")
+           if i in JAX_IMPLS or (i == "torch_sdpa" and torch_available() and not args.no_torch)]
   budget = args.memory_fraction * available_bytes()
   records = []
   for n in (int(x) for x in args.lengths.split(",")):
@@ -225,24 +240,24 @@ def main(argv: list[str]) -> None:
                                 "flops_fwd_bwd": fwd_bwd_flops}
       if impl == "torch_sdpa":
         record.update(single(f"{impl}:{n}", args.repeats) if n <= 8192 else
-                      run_isolated(impl, n, args.repeats))
+                      run_isolated(impl, n, args.repeats, ("fwd", "fwd_bwd")))
       else:
-        shape = jax.ShapeDtypeStruct((B, n, N, H), jnp.float32)
-        fn = attention_fn(impl)
-        fwd_mem = jax.jit(fn).lower(shape, shape, shape).compile().memory_analysis()
-        need = int(fwd_mem.temp_size_in_bytes)
-        record["temp_bytes"] = need
-        if need > budget:
-          record["skipped"] = f"forward needs {need / 2**30:.1f} GiB > {budget / 2**30:.1f} GiB"
-        elif need > ISOLATE_BYTES:
-          record.update(run_isolated(impl, n, args.repeats))
+        # Compile both passes first (compiling allocates nothing); run only what fits.
+        fwd, fwd_bwd = compile_pair(impl, n)
+        needs = {"fwd": temp_bytes(fwd), "fwd_bwd": temp_bytes(fwd_bwd)}
+        del fwd, fwd_bwd
+        record.update(temp_bytes=needs["fwd"], temp_bytes_fwd_bwd=needs["fwd_bwd"])
+        which = tuple(w for w, need in needs.items() if need <= budget)
+        for w in needs:
+          if w not in which:
+            record[f"{w}_skipped"] = (f"compiled temp memory {needs[w] / 2**30:.1f} GiB > "
+                                      f"{budget / 2**30:.1f} GiB available")
+        if not which:
+          record["skipped"] = record["fwd_skipped"]
+        elif max(needs[w] for w in which) > ISOLATE_BYTES:
+          record.update(run_isolated(impl, n, args.repeats, which))
         else:
-          record.update(single(f"{impl}:{n}", args.repeats))
-        grad_need = record.get("temp_bytes_fwd_bwd")
-        if grad_need is None:  # Not run: report what the backward would need.
-          grad = jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * q), argnums=(0, 1, 2))
-          record["temp_bytes_fwd_bwd"] = int(
-              jax.jit(grad).lower(shape, shape, shape).compile().memory_analysis().temp_size_in_bytes)
+          record.update(single(f"{impl}:{n}:{'+'.join(which)}", args.repeats))
       records.append(record)
       print(json.dumps({k: (round(v, 1) if isinstance(v, float) else v)
                         for k, v in record.items()}), flush=True)

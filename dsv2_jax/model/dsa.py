@@ -268,8 +268,14 @@ def _stages(spec: DSASpec, num_blocks_: int) -> list[tuple[int, int, int]]:
 def _global_part(qh, kh_, vh, scores, selection: Selection, spec: DSASpec):
   """Runs the global kernel stage by stage; returns (out, lse) for all query blocks."""
   tau_val, tau_pos = selection.threshold()
+  u_blocks = qh.shape[3] // spec.block
+  plan = [(first, count, slots, dsa_global.chunk_blocks(slots, spec.block, count))
+          for first, count, slots in _stages(spec, u_blocks)]
+  right = max(dsa_global.padding_right(count, spec.block, chunk, first, qh.shape[3])
+              for first, count, _, chunk in plan)
+  k_t, v_p, s_p = dsa_global.pad_keys(kh_, vh, scores, spec.window, right)  # Once.
   outs, lses = [], []
-  for first, count, slots in _stages(spec, qh.shape[3] // spec.block):
+  for first, count, slots, chunk in plan:
     rows = slice(first * spec.block, (first + count) * spec.block)
     blocks = slice(first, first + count)
     if slots == 0:  # No block of this stage may select anything yet.
@@ -277,9 +283,9 @@ def _global_part(qh, kh_, vh, scores, selection: Selection, spec: DSASpec):
       lses.append(jnp.full(qh[..., rows, 0].shape, MASK_VALUE, qh.dtype))
       continue
     out, lse = dsa_global.global_attention(
-        qh[..., rows, :], kh_, vh, scores, selection.idx[:, blocks, :slots],
+        qh[..., rows, :], k_t, v_p, s_p, selection.idx[:, blocks, :slots],
         selection.vals[:, blocks, :slots], tau_val[:, blocks], tau_pos[:, blocks],
-        spec.window, spec.block, dsa_global.chunk_blocks(slots, spec.block, count), first)
+        spec.window, spec.block, chunk, first)
     outs.append(out)
     lses.append(lse)
   return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)

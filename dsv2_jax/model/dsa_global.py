@@ -90,21 +90,29 @@ def _logits(q_chunk, chunk: _Chunk):
   return jnp.where(chunk.allowed, logits, MASK_VALUE)
 
 
-def _prepare(q, k, v, scores, idx, vals, tau_val, tau_pos, window, block, chunk, first_block):
-  """Pads the query blocks to a multiple of the chunk, and k/v/scores on the left by
-  `window` and on the right as far as the last chunk's admitted positions reach."""
+def pad_keys(k: jax.Array, v: jax.Array, scores: jax.Array, window: int, right: int):
+  """Once per call site: k, v, scores padded by `window` on the left (positions < 0) and
+  `right` on the right; k transposed to [B, K, H, W + T + right] for q k^T matmuls."""
+  kv_pad = ((0, 0), (0, 0), (window, right), (0, 0))
+  scores = jnp.pad(scores, ((0, 0), (window, right)), constant_values=-jnp.inf)
+  return jnp.pad(k, kv_pad).transpose(0, 1, 3, 2), jnp.pad(v, kv_pad), scores
+
+
+def padding_right(num_blocks: int, block: int, chunk: int, first_block: int, length: int) -> int:
+  """Right padding of k/v so that a call's last chunk can slice its admitted positions."""
+  padded_blocks = num_blocks + (-num_blocks % chunk)
+  return max(0, (first_block + padded_blocks) * block - length)
+
+
+def _prepare(q, idx, vals, tau_val, tau_pos, block, chunk):
+  """Pads the query blocks (and their selection rows) to a multiple of the chunk."""
   u_blocks = q.shape[3] // block
   extra_blocks = -u_blocks % chunk
-  rows = extra_blocks * block
-  q = jnp.pad(q, ((0, 0),) * 3 + ((0, rows), (0, 0)))
+  q = jnp.pad(q, ((0, 0),) * 3 + ((0, extra_blocks * block), (0, 0)))
   idx, vals = _pad_blocks(idx, 1, extra_blocks), _pad_blocks(vals, 1, extra_blocks, -jnp.inf)
   tau_val = _pad_blocks(tau_val, 1, extra_blocks, jnp.inf)
   tau_pos = _pad_blocks(tau_pos, 1, extra_blocks)
-  right = max(0, (first_block + u_blocks + extra_blocks) * block - k.shape[2])
-  kv_pad = ((0, 0), (0, 0), (window, right), (0, 0))
-  scores = jnp.pad(scores, ((0, 0), (window, right)), constant_values=-jnp.inf)
-  k_t = jnp.pad(k, kv_pad).transpose(0, 1, 3, 2)  # [B, K, H, W + T + right]
-  return q, k_t, jnp.pad(v, kv_pad), scores, idx, vals, tau_val, tau_pos
+  return q, idx, vals, tau_val, tau_pos
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
@@ -113,7 +121,8 @@ def global_attention(q, k, v, scores, idx, vals, tau_val, tau_pos, window: int, 
   """Global attention of the query blocks [first_block, first_block + U).
 
   Args:
-    q: [B, K, R, U P, H] those blocks' queries; k, v: [B, K, T, H]; scores: [B, T];
+    q: [B, K, R, U P, H] those blocks' queries; k, v, scores: from `pad_keys` (k
+      transposed, everything shifted by `window`, right padding from `padding_right`);
     idx, vals: [B, U, M]; tau_val, tau_pos: [B, U] (see `Selection`).
 
   Returns:
@@ -125,13 +134,12 @@ def global_attention(q, k, v, scores, idx, vals, tau_val, tau_pos, window: int, 
 
 def _forward(q, k, v, scores, idx, vals, tau_val, tau_pos, window, block, chunk, first_block):
   tq = q.shape[3]
-  qp, kp, vp, sp, idx_p, vals_p, tv, tpos = _prepare(q, k, v, scores, idx, vals, tau_val,
-                                                     tau_pos, window, block, chunk, first_block)
+  qp, idx_p, vals_p, tv, tpos = _prepare(q, idx, vals, tau_val, tau_pos, block, chunk)
   size = chunk * block
 
   def body(c, carry):
     out, lse = carry
-    ch = _Chunk(c, kp, vp, sp, idx_p, vals_p, tv, tpos, window, block, chunk, first_block)
+    ch = _Chunk(c, k, v, scores, idx_p, vals_p, tv, tpos, window, block, chunk, first_block)
     q_chunk = jax.lax.dynamic_slice_in_dim(qp, c * size, size, axis=3)
     logits = _logits(q_chunk, ch)
     m = jnp.max(logits, axis=-1, keepdims=True)
@@ -153,10 +161,9 @@ def _forward(q, k, v, scores, idx, vals, tau_val, tau_pos, window, block, chunk,
 def _backward(window, block, chunk, first_block, residuals, cotangents):
   q, k, v, scores, idx, vals, tau_val, tau_pos, out, lse = residuals
   d_out, d_lse = cotangents
-  b, tq, t = q.shape[0], q.shape[3], k.shape[2]
+  b, tq = q.shape[0], q.shape[3]
   delta = jnp.sum(d_out * out, axis=-1)  # [B, K, R, U P]
-  qp, kp, vp, sp, idx_p, vals_p, tv, tpos = _prepare(q, k, v, scores, idx, vals, tau_val,
-                                                     tau_pos, window, block, chunk, first_block)
+  qp, idx_p, vals_p, tv, tpos = _prepare(q, idx, vals, tau_val, tau_pos, block, chunk)
   rows = qp.shape[3] - tq
   pad_rows = lambda x: jnp.pad(x, ((0, 0),) * 3 + ((0, rows),) + ((0, 0),) * (x.ndim - 4))  # noqa: E731
   d_out, lse, delta, d_lse = pad_rows(d_out), pad_rows(lse), pad_rows(delta), pad_rows(d_lse)
@@ -166,8 +173,8 @@ def _backward(window, block, chunk, first_block, residuals, cotangents):
   scale = 1.0 / math.sqrt(q.shape[-1])
 
   def body(c, carry):
-    dq, dk, dv = carry  # dk, dv: [B, K, W + T + right, H], padded like v.
-    ch = _Chunk(c, kp, vp, sp, idx_p, vals_p, tv, tpos, window, block, chunk, first_block)
+    dq, dk, dv = carry  # dk, dv: [B, K, W + T + right, H], laid out like v.
+    ch = _Chunk(c, k, v, scores, idx_p, vals_p, tv, tpos, window, block, chunk, first_block)
     piece = lambda x: jax.lax.dynamic_slice_in_dim(x, c * size, size, axis=3)  # noqa: E731
     q_chunk, do_chunk = piece(qp), piece(d_out)
     logits = _logits(q_chunk, ch)
@@ -187,10 +194,9 @@ def _backward(window, block, chunk, first_block, residuals, cotangents):
     dv = add_slice(dv, jnp.moveaxis(dvals[:, m:], 1, 2))
     return dq, dk, dv
 
-  init = (jnp.zeros_like(qp), jnp.zeros_like(vp), jnp.zeros_like(vp))
+  init = (jnp.zeros_like(qp), jnp.zeros_like(v), jnp.zeros_like(v))
   dq, dk, dv = jax.lax.fori_loop(0, qp.shape[3] // size, body, init)
-  dk, dv = dk[:, :, window:window + t], dv[:, :, window:window + t]
-  return dq[..., :tq, :], dk, dv, None, None, None, None, None
+  return dq[..., :tq, :], jnp.swapaxes(dk, 2, 3), dv, None, None, None, None, None
 
 
 global_attention.defvjp(_forward, _backward)
