@@ -69,6 +69,23 @@ def default_config() -> ml_collections.ConfigDict:
   #                            log: c in c*log2(length); fixed: the count.
   m.dsa.score = "entropy"  # Importance score: one of dsv2_jax.model.dsa.SCORES.
   m.dsa.seed = 0  # Seed of the 'random' score.
+  # Gated mixture-of-experts (SPEC 1.2; dsv2_jax/model/moe.py). num_experts = 0: dense FFN.
+  m.moe = ml_collections.ConfigDict()
+  m.moe.num_experts = 0  # E routed experts (article: 128); 0 disables MoE.
+  m.moe.top_k = 4  # Experts per token (article: 4).
+  m.moe.gate_hidden = 256  # Hidden width of the 2-layer MLP gate.
+  m.moe.gate_activation = "gelu"  # One of ACTIVATIONS without 'glu' (the gate's hidden layer).
+  m.moe.expert_hidden = 1024  # Hidden width of each routed (and shared) expert.
+  m.moe.num_shared_experts = 0  # DeepSeekMoE always-on experts (one FFN of n x expert_hidden).
+  m.moe.every_n_layers = 1  # Every n-th block is MoE (the last of each group of n).
+  m.moe.first_dense_layers = 0  # Leading blocks kept dense (DeepSeek-V2: 1).
+  m.moe.renormalize = False  # Rescale the top-k probs to sum to 1 (the article uses them raw).
+  m.moe.capacity_factor = 0.0  # > 0: per-expert capacity factor x X k / E, overflow dropped.
+  m.moe.aux_loss_weight = 0.01  # Switch/GShard load-balancing loss weight.
+  m.moe.z_loss_weight = 0.001  # Router z-loss weight.
+  m.moe.balance_bias_rate = 0.0  # > 0: loss-free balancing bias step (DeepSeek-V3: 0.001).
+  m.moe.dispatch = "auto"  # auto | tiled | ragged_dot (auto: tiled on CPU, else ragged_dot).
+  m.moe.tile_rows = 0  # Rows per tile of the tiled dispatch; 0 picks from tokens and E.
   m.remat_policy = "none"  # A name in dsv2_jax/model/remat.py (jax.checkpoint policy per layer).
   m.scan_layers = True  # nn.scan over layers (fast compile; remat shows in memory).
   m.scan_unroll = 1  # Layers per scan iteration (>= num_layers: no loop); trades compile time.
@@ -183,6 +200,40 @@ def _validate_dsa(dsa: ml_collections.ConfigDict) -> None:
            "for model.dsa.budget='fraction': use a value in [0, 1].")
 
 
+MOE_DISPATCH = ("auto", "tiled", "ragged_dot")
+
+
+def _validate_moe(m: ml_collections.ConfigDict) -> None:
+  moe = m.moe
+  _check(isinstance(moe.num_experts, int) and moe.num_experts >= 0,
+         f"model.moe.num_experts={moe.num_experts!r} must be an integer >= 0 (0 = dense FFN).")
+  if not moe.num_experts:
+    return
+  _check(isinstance(moe.top_k, int) and 1 <= moe.top_k <= moe.num_experts,
+         f"model.moe.top_k={moe.top_k!r} must be in [1, model.moe.num_experts="
+         f"{moe.num_experts}].")
+  for field in ("gate_hidden", "expert_hidden", "every_n_layers"):
+    _check(isinstance(moe[field], int) and moe[field] >= 1,
+           f"model.moe.{field}={moe[field]!r} must be a positive integer.")
+  _check(moe.gate_activation in ACTIVATIONS and not moe.gate_activation.endswith("glu"),
+         f"model.moe.gate_activation={moe.gate_activation!r} must be one of "
+         f"{[a for a in ACTIVATIONS if not a.endswith('glu')]}.")
+  moe_layers = m.num_layers - moe.first_dense_layers
+  _check(0 <= moe.first_dense_layers < m.num_layers,
+         f"model.moe.first_dense_layers={moe.first_dense_layers} must be in "
+         f"[0, model.num_layers={m.num_layers}).")
+  _check(moe_layers % moe.every_n_layers == 0,
+         f"model.moe.every_n_layers={moe.every_n_layers} must divide the "
+         f"{moe_layers} layers after model.moe.first_dense_layers={moe.first_dense_layers}: "
+         "change one of model.num_layers, model.moe.every_n_layers, "
+         "model.moe.first_dense_layers.")
+  _check(moe.num_shared_experts >= 0, "model.moe.num_shared_experts must be >= 0.")
+  for field in ("capacity_factor", "aux_loss_weight", "z_loss_weight", "balance_bias_rate"):
+    _check(moe[field] >= 0, f"model.moe.{field}={moe[field]} must be >= 0.")
+  _check_choice(moe.dispatch, "model.moe.dispatch", MOE_DISPATCH)
+  _check(moe.tile_rows >= 0, f"model.moe.tile_rows={moe.tile_rows} must be >= 0 (0 = auto).")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks the whole config once; raises ConfigError naming the field and the fix."""
   m, d, t = config.model, config.data, config.train
@@ -213,6 +264,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_choice(m.attention, "model.attention", ATTENTIONS)
   if m.attention != "dense":
     _validate_dsa(m.dsa)
+  _validate_moe(m)
   _check_choice(m.remat_policy, "model.remat_policy", remat.names())
   _check_choice(d.tokenizer, "data.tokenizer", TOKENIZERS)
   _check(0.0 <= m.dropout_rate < 1.0, f"model.dropout_rate={m.dropout_rate} must be in [0, 1).")

@@ -84,3 +84,19 @@ def test_dsa_fields_are_validated(tmp_path, field, value, message):
   c.model.dsa[field] = value
   with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.validate(c)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("top_k", 9, r"model.moe.top_k=9 must be in \[1, model.moe.num_experts=8\]"),
+    ("every_n_layers", 3, r"model.moe.every_n_layers=3 must divide the 2 layers"),
+    ("first_dense_layers", 2, r"model.moe.first_dense_layers=2 must be in \[0, model.num_layers=2\)"),
+    ("dispatch", "megablocks", r"model.moe.dispatch='megablocks' is not supported"),
+    ("gate_activation", "swiglu", r"model.moe.gate_activation='swiglu' must be one of"),
+    ("capacity_factor", -1.0, r"model.moe.capacity_factor=-1.0 must be >= 0"),
+])
+def test_moe_fields_are_validated(tmp_path, field, value, message):
+  c = tiny_config(str(tmp_path))
+  c.model.moe.update(num_experts=8, gate_hidden=8, expert_hidden=16)
+  c.model.moe[field] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(c)

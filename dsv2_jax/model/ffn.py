@@ -9,7 +9,7 @@ import ml_collections
 
 from dsv2_jax.model.layers import Einsum, dtype_of
 
-_ACTIVATIONS = {"swiglu": nn.silu, "geglu": nn.gelu, "gelu": nn.gelu, "relu": nn.relu}
+ACTIVATIONS = {"swiglu": nn.silu, "geglu": nn.gelu, "gelu": nn.gelu, "relu": nn.relu}
 
 
 def is_gated(activation: str) -> bool:
@@ -28,7 +28,7 @@ class FeedForward(nn.Module):
     d, f = x.shape[-1], cfg.ffn_hidden
     dense = lambda shape, axes, name: Einsum(  # noqa: E731
         shape, axes, (0,), dtype_of(cfg.dtype), dtype_of(cfg.param_dtype), name=name)
-    act = _ACTIVATIONS[cfg.activation]
+    act = ACTIVATIONS[cfg.activation]
     up = dense((d, f), ("embed", "mlp"), "up")("XD,DF->XF", x)
     up = checkpoint_name(up, "ffn_up")
     if is_gated(cfg.activation):

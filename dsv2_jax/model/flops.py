@@ -13,14 +13,31 @@ import ml_collections
 from dsv2_jax.model.ffn import is_gated
 
 
+def num_moe_layers(model: ml_collections.ConfigDict) -> int:
+  moe = model.moe
+  if not moe.num_experts:
+    return 0
+  return (model.num_layers - moe.first_dense_layers) // moe.every_n_layers
+
+
 def matmul_params(model: ml_collections.ConfigDict) -> int:
-  """Parameters that take part in a matmul per token (embedding lookup excluded)."""
+  """Parameters that take part in a matmul per token (embedding lookup excluded).
+
+  An MoE layer counts its gate, the k routed experts a token uses and the shared ones.
+  """
   d, n, f, v = model.d_model, model.num_heads, model.ffn_hidden, model.vocab_size
   k = model.num_kv_heads or n
   h = model.head_dim or d // n
+  per_ffn_width = d * (3 if is_gated(model.activation) else 2)
   attention = d * n * h * 2 + d * k * h * 2  # query, out; key, value
-  ffn = d * f * (3 if is_gated(model.activation) else 2)
-  return model.num_layers * (attention + ffn) + d * v  # + output head
+  moe, moe_layers = model.moe, num_moe_layers(model)
+  dense_layers = model.num_layers - moe_layers
+  total = model.num_layers * attention + dense_layers * per_ffn_width * f + d * v
+  if moe_layers:
+    gate = d * moe.gate_hidden + moe.gate_hidden * moe.num_experts
+    experts = (moe.top_k + moe.num_shared_experts) * per_ffn_width * moe.expert_hidden
+    total += moe_layers * (gate + experts)
+  return total
 
 
 def train_flops_per_token(model: ml_collections.ConfigDict, seq_len: int) -> float:

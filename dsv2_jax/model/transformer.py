@@ -18,6 +18,7 @@ import ml_collections
 from dsv2_jax.model import remat
 from dsv2_jax.model.attention import Attention
 from dsv2_jax.model.ffn import FeedForward
+from dsv2_jax.model.moe import MoEFeedForward
 from dsv2_jax.model.layers import Einsum, Embedder, Norm, dtype_of
 
 
@@ -27,6 +28,7 @@ class DecoderBlock(nn.Module):
   cfg: ml_collections.FrozenConfigDict
   deterministic: bool = True
   decode: bool = False
+  moe: bool = False  # Routed experts (GMoE) instead of the dense FFN.
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, None]:
@@ -37,10 +39,39 @@ class DecoderBlock(nn.Module):
     dropout = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
     h = Attention(cfg, self.decode, name="attention")(norm("attention_norm")(x), positions)
     x = x + dropout(h)
-    h = FeedForward(cfg, name="ffn")(norm("ffn_norm")(x))
+    ffn = MoEFeedForward(cfg, name="moe") if self.moe else FeedForward(cfg, name="ffn")
+    h = ffn(norm("ffn_norm")(x))
     x = x + dropout(h)
     x = nn.with_logical_constraint(x, ("tokens", "act_embed"))
     return x, None
+
+
+class BlockGroup(nn.Module):
+  """`every_n_layers` blocks whose last one is MoE: the unit scanned in an MoE model."""
+
+  cfg: ml_collections.FrozenConfigDict
+  deterministic: bool = True
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, None]:
+    n = self.cfg.moe.every_n_layers
+    for i in range(n):
+      x, _ = DecoderBlock(self.cfg, self.deterministic, self.decode, moe=i == n - 1,
+                          name=f"block_{i}")(x, positions)
+    return x, None
+
+
+def layer_plan(cfg: ml_collections.FrozenConfigDict) -> list[tuple[str, type, int]]:
+  """(name, unit, repeats) segments of the stack: dense blocks, then MoE groups."""
+  if not cfg.moe.num_experts:
+    return [("layers", DecoderBlock, cfg.num_layers)]
+  plan = []
+  if cfg.moe.first_dense_layers:
+    plan.append(("dense_layers", DecoderBlock, cfg.moe.first_dense_layers))
+  groups = (cfg.num_layers - cfg.moe.first_dense_layers) // cfg.moe.every_n_layers
+  plan.append(("moe_layers", BlockGroup, groups))
+  return plan
 
 
 class Transformer(nn.Module):
@@ -84,24 +115,24 @@ class Transformer(nn.Module):
       x = x + jnp.take(table, positions.reshape(b * t), axis=0).astype(dtype)
     x = nn.with_logical_constraint(x, ("tokens", "act_embed"))
 
-    block = DecoderBlock
-    policy_name = cfg.remat_policy
-    if policy_name != "none":
-      block = nn.remat(block, policy=remat.policy(policy_name), prevent_cse=not cfg.scan_layers)
-    if cfg.scan_layers:
-      stack = nn.scan(
-          block,
-          variable_axes={"params": 0, "cache": 0},
-          split_rngs={"params": True, "dropout": True},
-          in_axes=(nn.broadcast,),
-          length=cfg.num_layers,
-          unroll=cfg.scan_unroll,
-          metadata_params={nn.PARTITION_NAME: "layers"},
-      )(cfg, deterministic, decode, name="layers")
-      x, _ = stack(x, positions)
-    else:
-      for i in range(cfg.num_layers):
-        x, _ = block(cfg, deterministic, decode, name=f"layer_{i}")(x, positions)
+    for name, unit, repeats in layer_plan(cfg):
+      if cfg.remat_policy != "none":
+        unit = nn.remat(unit, policy=remat.policy(cfg.remat_policy),
+                        prevent_cse=not cfg.scan_layers)
+      if cfg.scan_layers:
+        stack = nn.scan(
+            unit,
+            variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast,),
+            length=repeats,
+            unroll=min(cfg.scan_unroll, repeats),
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, deterministic, decode, name=name)
+        x, _ = stack(x, positions)
+      else:
+        for i in range(repeats):
+          x, _ = unit(cfg, deterministic, decode, name=f"{name}_{i}")(x, positions)
 
     x = Norm(cfg.norm, cfg.norm_eps, dtype, param_dtype, name="final_norm")(x)
     if cfg.tie_embeddings:

@@ -39,6 +39,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("kv", None),
     ("mlp", "tensor"),
     ("expert", "expert"),
+    ("expert_mlp", "tensor"),
+    ("gate_mlp", None),
     ("layers", "stage"),
     ("norm", None),
 )

@@ -13,7 +13,7 @@ import jax
 import ml_collections
 import optax
 
-_NO_DECAY = ("scale", "bias")
+_NO_DECAY = ("scale", "bias", "balance_bias")
 
 
 def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:

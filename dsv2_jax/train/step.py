@@ -17,6 +17,7 @@ import optax
 from jax.sharding import Mesh
 
 from dsv2_jax.parallel import sharding
+from dsv2_jax.train import moe_stats
 from dsv2_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -37,20 +38,33 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array
 
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
                tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on the mean token loss of `batch` (inputs/targets/weights)."""
+  """One optimizer step on the mean token loss of `batch` (inputs/targets/weights).
+
+  An MoE model adds its weighted auxiliary losses to the objective; `loss` in the
+  metrics stays the token cross-entropy, so dense and MoE runs compare directly.
+  """
   rng, dropout_rng = jax.random.split(state.rng)
 
-  def loss_fn(params):
-    logits = model.apply({"params": params}, batch["inputs"], deterministic=False,
-                         rngs={"dropout": dropout_rng})
-    nll_sum, count = cross_entropy(logits, batch["targets"], batch["weights"])
-    return nll_sum / jnp.maximum(count, 1.0), count
+  moe = model.cfg.moe
 
-  (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  def loss_fn(params):
+    logits, variables = model.apply({"params": params}, batch["inputs"], deterministic=False,
+                                    rngs={"dropout": dropout_rng}, mutable=["intermediates"])
+    nll_sum, count = cross_entropy(logits, batch["targets"], batch["weights"])
+    loss = nll_sum / jnp.maximum(count, 1.0)
+    intermediates = variables.get("intermediates", {})
+    aux, moe_metrics = moe_stats.aux_loss_and_metrics(intermediates, moe)
+    return loss + aux, (loss, count, moe_metrics, intermediates)
+
+  (_, (loss, count, moe_metrics, intermediates)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  if moe.num_experts:
+    params = moe_stats.update_balance_bias(params, intermediates, moe.balance_bias_rate)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
-  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": count}
+  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": count,
+             **moe_metrics}
   return new_state, metrics
 
 

@@ -190,7 +190,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       for offset, m in enumerate(fetched):
         s = step - len(fetched) + 1 + offset
         record = {"loss": m["loss"], "grad_norm": m["grad_norm"],
-                  "learning_rate": float(schedule(s - 1))}
+                  "learning_rate": float(schedule(s - 1)),
+                  **{k: v for k, v in m.items() if k.startswith("moe/")}}
         if s == step:
           record.update(tokens_per_s=tokens_per_s,
                         model_tflops_per_s=tokens_per_s * flops_per_token / 1e12)

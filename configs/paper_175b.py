@@ -1,0 +1,25 @@
+"""The article's GMoE at paper scale: 128 experts, top-4, 175B total / 35B active parameters.
+
+The article fixes only E = 128, k = 4, the 2-layer MLP gate and the two totals. This is
+one layout consistent with them (GPT-3-175B width, DSA, SwiGLU experts):
+  d_model 12288, 96 heads x 128, 45 layers, every FFN an MoE of 128 experts of hidden
+  680 (fine-grained), gate hidden 1536, vocabulary 102,400, untied embeddings.
+  -> 174.94B total, 35.07B active per token (`python -m dsv2_jax info --config
+     configs/paper_175b.py`; shapes only, nothing allocated).
+Routed experts are 144.4B of the total; a token uses 4/128 of them (4.5B), so most of
+the active count is dense: attention 27.2B, embeddings and head 2.5B, gates 0.9B.
+"""
+
+from dsv2_jax import config as config_lib
+
+
+def get_config(arg: str | None = None):
+  del arg  # No variants.
+  c = config_lib.default_config()
+  m = c.model
+  m.update(vocab_size=102_400, d_model=12_288, num_layers=45, num_heads=96, head_dim=128,
+           max_seq_len=4096, attention="dsa", dtype="bfloat16",
+           remat_policy="full")
+  m.moe.update(num_experts=128, top_k=4, gate_hidden=1536, expert_hidden=680)
+  c.data.update(seq_len=4096, batch_size=1024)
+  return c
