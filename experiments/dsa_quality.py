@@ -18,6 +18,8 @@ forced) and exact match.
   dsa_random      DSA, random score (same budget)
   dsa_key_norm    DSA, key-norm score (same budget)
   sliding_window  local window only (lower bound: chance is 10% per digit)
+`--pk_budget fixed:4` repeats the comparison at a budget so small (4 global tokens per
+block) that the selection itself, not the coverage of many selected tokens, decides.
 
   python experiments/dsa_quality.py --out docs/figures/dsa_quality.json
   python experiments/dsa_quality.py --quick --out /tmp/dsa_quality_quick.json
@@ -138,7 +140,8 @@ def passkey_config(args, variant: dict[str, str]) -> ml_collections.ConfigDict:
   c.data.update(seq_len=args.pk_seq_len, batch_size=args.pk_batch)
   c.train.update(steps=args.pk_steps, warmup_steps=min(100, args.pk_steps),
                  learning_rate=args.pk_lr, end_lr_fraction=0.1)
-  set_attention(c, variant["attention"], variant.get("score", "entropy"))
+  budget, value = args.pk_budget.split(":")
+  set_attention(c, variant["attention"], variant.get("score", "entropy"), budget, float(value))
   config_lib.validate(c)
   return c
 
@@ -198,6 +201,9 @@ def main(argv: list[str]) -> None:
   parser.add_argument("--pk_layers", type=int, default=2)
   parser.add_argument("--pk_lr", type=float, default=3e-3)
   parser.add_argument("--pk_eval_batches", type=int, default=16)
+  parser.add_argument("--pk_budget", default="fraction:0.15",
+                      help="DSA global budget of the pass-key models, KIND:VALUE "
+                           "(fraction:0.15, log:2, fixed:4).")
   parser.add_argument("--quick", action="store_true", help="A few steps of everything.")
   args = parser.parse_args(argv)
   if args.quick:
