@@ -1,0 +1,112 @@
+"""GMoE quality: a small MoE against a dense model of equal active parameters, same budget.
+
+Both are configs/tiny.py (D = 128, 4 layers, byte tokens, the Wikipedia excerpt) trained
+with the same data order, steps, seed and learning rate through `train_and_evaluate`:
+  dense       SwiGLU FFN of hidden 512 in every layer
+  moe         E experts, top-k, expert hidden 512 / k (the same active FFN parameters),
+              2-layer MLP gate, Switch load-balancing loss (weight 0.01) and z-loss
+  moe_lossfree  the same MoE balanced by DeepSeek-V3's bias instead of the loss
+We report held-out loss, perplexity and bits/byte over the whole validation split, and the
+expert load on the last training steps: the busiest expert's share relative to the mean
+(max over layers; 1 = perfectly even) and the normalised load entropy.
+
+  python experiments/moe_quality.py --out docs/figures/moe_quality.json
+  python experiments/moe_quality.py --quick --out /tmp/moe_quality_quick.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+
+from dsv2_jax import info
+from dsv2_jax.train import trainer
+
+VARIANTS = ("dense", "moe", "moe_lossfree")
+
+
+def load_tiny(steps: int):
+  path = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
+  spec = importlib.util.spec_from_file_location("tiny", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(f"steps={steps}")
+
+
+def variant_config(name: str, args):
+  c = load_tiny(args.steps)
+  c.data.data_dir = args.data_dir
+  c.sample.max_new_tokens = 0
+  c.train.update(checkpoint_every=0, eval_every=0)
+  if name != "dense":
+    c.model.moe.update(num_experts=args.experts, top_k=args.top_k, gate_hidden=64,
+                       expert_hidden=c.model.ffn_hidden // args.top_k)
+    if name == "moe_lossfree":
+      c.model.moe.update(aux_loss_weight=0.0, balance_bias_rate=1e-3)
+  return c
+
+
+def load_stats(workdir: str, tail: float = 0.1) -> dict[str, float]:
+  """Mean of the MoE load metrics over the last `tail` of the logged training steps."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  rows = [r for r in rows if "moe/load_max_over_mean" in r]
+  if not rows:
+    return {}
+  last = rows[-max(1, int(len(rows) * tail)):]
+  keys = ("moe/load_max_over_mean", "moe/load_entropy", "moe/aux_loss", "moe/dropped_fraction")
+  out = {k.split("/")[1]: sum(r[k] for r in last) / len(last) for k in keys}
+  out["load_max_over_mean_worst"] = max(r["moe/load_max_over_mean"] for r in last)
+  out["logged_steps"] = [last[0]["step"], last[-1]["step"]]
+  return out
+
+
+def main(argv: list[str]) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--steps", type=int, default=1000)
+  parser.add_argument("--experts", type=int, default=8)
+  parser.add_argument("--top_k", type=int, default=2)
+  parser.add_argument("--variants", default=",".join(VARIANTS))
+  parser.add_argument("--data_dir", default="~/tensorflow_datasets")
+  parser.add_argument("--workdir", default="runs/moe_quality")
+  parser.add_argument("--quick", action="store_true", help="A few steps of each variant.")
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.steps = 20
+  args.data_dir = os.path.expanduser(args.data_dir)
+  root = os.path.join(args.workdir, time.strftime("%Y%m%d-%H%M%S"))
+  results: dict[str, Any] = {}
+  for name in args.variants.split(","):
+    c = variant_config(name, args)
+    report = info.model_info(c)
+    start = time.perf_counter()
+    workdir = os.path.join(root, name)
+    result = trainer.train_and_evaluate(c, workdir)
+    result.update(train_seconds=time.perf_counter() - start, total_params=report["total_params"],
+                  active_params=report["active_params"], load=load_stats(workdir))
+    results[name] = result
+    print(f"{name}: {json.dumps(result)}", flush=True)
+  if "dense" in results:
+    for name in results:
+      if name != "dense":
+        results[f"perplexity_ratio_{name}_over_dense"] = (results[name]["perplexity"]
+                                                         / results["dense"]["perplexity"])
+  out = {"command": " ".join(["python", "experiments/moe_quality.py", *argv]),
+         "device": jax.devices()[0].device_kind, "steps": args.steps,
+         "experts": args.experts, "top_k": args.top_k, "results": results}
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(out, f, indent=2)
+  print(json.dumps(out, indent=2)[:3000])
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
