@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import report  # experiments/report.py (the script's own folder is on sys.path)
 from dsv2_jax.model import dsa
 
 B, N, H = 1, 8, 64
@@ -277,15 +278,7 @@ def main(argv: list[str]) -> None:
   result = {"command": " ".join(["python", "experiments/dsa_benchmark.py", *argv]),
             "shape": {"batch": B, "heads": N, "head_dim": H, "window": WINDOW, "block": BLOCK},
             "device": jax.devices()[0].device_kind, "records": records, "summary": summary}
-  text = json.dumps(result, indent=2)
-  if args.out == "-":
-    print(text)
-    return
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    f.write(text)
-  plot(records, os.path.splitext(args.out)[0] + ".png")
-  print(json.dumps(summary, indent=2))
+  report.write(result, args.out, lambda path: plot(records, path))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import report  # experiments/report.py (the script's own folder is on sys.path)
 from dsv2_jax.model import moe_dispatch
 from dsv2_jax.model.moe import load_balancing_loss
 from dsv2_jax.model.moe_reference import gated_routing
@@ -200,15 +201,7 @@ def main(argv: list[str]) -> None:
   if args.quick:
     args.tokens, args.repeats, args.experts = 1024, 2, "8,32"
   result = run(args)
-  text = json.dumps(result, indent=2)
-  if args.out == "-":
-    print(text)
-    return
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    f.write(text)
-  plot(result, os.path.splitext(args.out)[0] + ".png")
-  print(json.dumps(result["summary"], indent=2))
+  report.write(result, args.out, lambda path: plot(result, path))
 
 
 if __name__ == "__main__":
