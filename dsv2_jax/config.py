@@ -11,8 +11,10 @@ Launch examples:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 from typing import Any
 
 import ml_collections
@@ -137,6 +139,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(
       dict(data=-1, fsdp=1, tensor=1, expert=1, stage=1))
   return c
+
+
+def from_file(path: str | os.PathLike, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of a config file such as configs/tiny.py (not validated)."""
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:

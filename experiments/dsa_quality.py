@@ -63,12 +63,7 @@ PASSKEY_VARIANTS = {
 
 
 def load_tiny() -> ml_collections.ConfigDict:
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
-  spec = importlib.util.spec_from_file_location("tiny", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_lib.from_file(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"))
 
 
 def set_attention(config: ml_collections.ConfigDict, attention: str, score: str = "entropy",

@@ -17,7 +17,6 @@ expert load on the last training steps: the busiest expert's share relative to t
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -26,6 +25,7 @@ from typing import Any
 
 import jax
 
+from dsv2_jax import config as config_lib
 from dsv2_jax import info
 from dsv2_jax.train import trainer
 
@@ -33,11 +33,8 @@ VARIANTS = ("dense", "moe", "moe_lossfree")
 
 
 def load_tiny(steps: int):
-  path = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
-  spec = importlib.util.spec_from_file_location("tiny", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(f"steps={steps}")
+  tiny = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
+  return config_lib.from_file(tiny, f"steps={steps}")
 
 
 def variant_config(name: str, args):

@@ -53,12 +53,7 @@ def shape_config(shape: str, dtype: str) -> Any:
                    scan_unroll=r["num_layers"])  # The CPU setting of configs/tiny.py.
     c.data.update(seq_len=r["seq_len"], batch_size=r["batch_size"])
   else:
-    import importlib.util  # pylint: disable=g-import-not-at-top
-    path = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
-    spec = importlib.util.spec_from_file_location("tiny", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = config_lib.from_file(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"))
   c.model.dtype = dtype
   c.train.update(warmup_steps=10, steps=10_000)
   config_lib.validate(c)

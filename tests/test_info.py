@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 from dsv2_jax import config as config_lib
 from dsv2_jax import info
 from tests.conftest import REPO
-
-
-def load_config(name: str):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def small(**moe):
@@ -43,7 +33,7 @@ def test_moe_active_counts_k_of_e_routed_experts_by_hand():
 
 
 def test_paper_config_is_175b_total_and_35b_active_within_one_percent():
-  c = load_config("paper_175b")
+  c = config_lib.from_file(REPO / "configs" / "paper_175b.py")
   config_lib.validate(c)
   report = info.model_info(c)
   assert c.model.moe.num_experts == 128 and c.model.moe.top_k == 4
