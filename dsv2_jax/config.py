@@ -87,7 +87,8 @@ def default_config() -> ml_collections.ConfigDict:
   m.moe.z_loss_weight = 0.001  # Router z-loss weight.
   m.moe.balance_bias_rate = 0.0  # > 0: loss-free balancing bias step (DeepSeek-V3: 0.001).
   m.moe.dispatch = "auto"  # auto | tiled | ragged_dot (auto: tiled on CPU, else ragged_dot).
-  m.moe.tile_rows = 0  # Rows per tile of the tiled dispatch; 0 picks from tokens and E.
+  m.moe.tile_rows = 0  # Padding unit of the tiled dispatch; 0 picks from tokens and E.
+  m.moe.max_tile_rows = 128  # Largest tile; tiles halve from it down to tile_rows.
   m.remat_policy = "none"  # A name in dsv2_jax/model/remat.py (jax.checkpoint policy per layer).
   m.scan_layers = True  # nn.scan over layers (fast compile; remat shows in memory).
   m.scan_unroll = 1  # Layers per scan iteration (>= num_layers: no loop); trades compile time.
@@ -242,6 +243,8 @@ def _validate_moe(m: ml_collections.ConfigDict) -> None:
     _check(moe[field] >= 0, f"model.moe.{field}={moe[field]} must be >= 0.")
   _check_choice(moe.dispatch, "model.moe.dispatch", MOE_DISPATCH)
   _check(moe.tile_rows >= 0, f"model.moe.tile_rows={moe.tile_rows} must be >= 0 (0 = auto).")
+  _check(moe.max_tile_rows >= 0, f"model.moe.max_tile_rows={moe.max_tile_rows} must be >= 0 "
+         "(0 or <= tile_rows: one tile size).")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

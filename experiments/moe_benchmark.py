@@ -2,7 +2,10 @@
 
 One MoE layer (SwiGLU experts, k = 4, 2-layer MLP gate) on X tokens of width D,
 forward + backward (gradients for the tokens and every weight), f32, in one run:
-  moe_tiled       ours: router + sort by expert + tiled grouped FFN (CPU default path)
+  moe_tiled       ours: router + sort by expert + tiled grouped FFN (CPU default path),
+                  tiles from `--max_tile` rows halving down to the padding unit
+  moe_tiled_single  the same with one tile size (the padding unit): the ablation of the
+                  tile classes
   moe_ragged_dot  ours with `jax.lax.ragged_dot` as the grouped matmul (GPU/TPU default)
   dense_ffn       a dense SwiGLU FFN of hidden k x expert_hidden: the same active parameters
   oracle          the article's `gated_routing` (every expert on every token, masked)
@@ -34,7 +37,7 @@ from dsv2_jax.model import moe_dispatch
 from dsv2_jax.model.moe import load_balancing_loss
 from dsv2_jax.model.moe_reference import gated_routing
 
-IMPLS = ("moe_tiled", "moe_ragged_dot", "dense_ffn", "oracle")
+IMPLS = ("moe_tiled", "moe_tiled_single", "moe_ragged_dot", "dense_ffn", "oracle")
 
 
 def make_inputs(x_tokens: int, d: int, f: int, e: int, gh: int, k: int, seed: int = 0):
@@ -57,16 +60,17 @@ def route(p, k):
   return probs, idx, jnp.take_along_axis(probs, idx, axis=-1)
 
 
-def layer_fn(impl: str, k: int, tile: int = 0) -> Callable[[dict[str, jax.Array]], jax.Array]:
+def layer_fn(impl: str, k: int, tile: int = 0, max_tile: int = moe_dispatch.MAX_TILE
+             ) -> Callable[[dict[str, jax.Array]], jax.Array]:
   """impl -> f(params) = a scalar loss of the layer's output (for forward + backward)."""
   probe = lambda y: jnp.sum(jnp.sin(y))  # noqa: E731
 
-  def moe(path):
+  def moe(path, max_tile):
     def f(p):
       probs, idx, weights = route(p, k)
       y, _ = moe_dispatch.grouped_ffn(p["x"], idx, weights, p["w_in"], p["w_out"],
                                       act=jax.nn.silu, gated=True, dtype=jnp.float32,
-                                      path=path, tile=tile)
+                                      path=path, tile=tile, max_tile=max_tile)
       return probe(y) + 0.01 * load_balancing_loss(probs, idx, p["w_out"].shape[0])
     return f
 
@@ -79,8 +83,8 @@ def layer_fn(impl: str, k: int, tile: int = 0) -> Callable[[dict[str, jax.Array]
     y = gated_routing(p["x"], idx, weights, p["w_in"], p["w_out"], act=jax.nn.silu, gated=True)
     return probe(y) + 0.01 * load_balancing_loss(probs, idx, p["w_out"].shape[0])
 
-  return {"moe_tiled": moe("tiled"), "moe_ragged_dot": moe("ragged_dot"), "dense_ffn": dense,
-          "oracle": oracle}[impl]
+  return {"moe_tiled": moe("tiled", max_tile), "moe_tiled_single": moe("tiled", 0),
+          "moe_ragged_dot": moe("ragged_dot", 0), "dense_ffn": dense, "oracle": oracle}[impl]
 
 
 def analytic_flops(impl: str, p, k: int, executed_rows: int) -> float:
@@ -90,21 +94,22 @@ def analytic_flops(impl: str, p, k: int, executed_rows: int) -> float:
   gh = p["gate_in"].shape[1]
   gate = 2 * x_tokens * (d * gh + gh * e)
   per_row = 2 * 3 * d * f  # SwiGLU expert: gate, up, down.
-  rows = {"moe_tiled": executed_rows, "moe_ragged_dot": e * x_tokens * k,  # CPU: dense per group.
+  rows = {"moe_tiled": executed_rows, "moe_tiled_single": executed_rows, "moe_ragged_dot": e * x_tokens * k,  # CPU: dense per group.
           "dense_ffn": x_tokens * k, "oracle": x_tokens * e}[impl]
   return 3.0 * (rows * per_row + (0 if impl == "dense_ffn" else gate))
 
 
 def executed_rows(p, k: int, tile: int) -> int:
+  """Rows the tiles cover (the same for every max_tile: padding depends on `tile` only)."""
   _, idx, _ = route(p, k)
   e = p["w_out"].shape[0]
   plan = moe_dispatch.plan_dispatch(idx, e, tile or moe_dispatch.auto_tile(idx.size, e))
-  return int(plan.num_tiles) * plan.tile
+  return int(plan.executed_rows)
 
 
 class Case:
-  def __init__(self, impl: str, p, k: int, tile: int):
-    grad = jax.jit(jax.grad(layer_fn(impl, k, tile)))
+  def __init__(self, impl: str, p, k: int, tile: int, max_tile: int):
+    grad = jax.jit(jax.grad(layer_fn(impl, k, tile, max_tile)))
     self.compiled = grad.lower(p).compile()
     self.p = p
     self.stats = {
@@ -124,7 +129,7 @@ def run(args) -> dict[str, Any]:
     p = make_inputs(args.tokens, args.d_model, args.expert_hidden, e, args.gate_hidden, args.top_k)
     rows = executed_rows(p, args.top_k, args.tile)
     impls = [i for i in args.impls.split(",") if not (i == "oracle" and e > args.oracle_max_e)]
-    cases = {impl: Case(impl, p, args.top_k, args.tile) for impl in impls}
+    cases = {impl: Case(impl, p, args.top_k, args.tile, args.max_tile) for impl in impls}
     times: dict[str, list[float]] = {impl: [] for impl in impls}
     for case in cases.values():
       case.time()  # Warm-up.
@@ -139,9 +144,10 @@ def run(args) -> dict[str, Any]:
                 "fwd_bwd_ms": 1e3 * min(times[impl]),
                 "flops": analytic_flops(impl, p, args.top_k, rows),
                 "active_flops": active, **case.stats}
-      if impl == "moe_tiled":
-        record["executed_rows"] = rows
-        record["tile_rows"] = args.tile or moe_dispatch.auto_tile(args.tokens * args.top_k, e)
+      if impl.startswith("moe_tiled"):
+        tile = args.tile or moe_dispatch.auto_tile(args.tokens * args.top_k, e)
+        record.update(executed_rows=rows, tile_rows=tile,
+                      max_tile_rows=max(tile, args.max_tile) if impl == "moe_tiled" else tile)
       records.append(record)
       print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v)
                         for k, v in record.items()}), flush=True)
@@ -152,7 +158,7 @@ def run(args) -> dict[str, Any]:
     ours = by.get("moe_tiled")
     if ours:
       s["executed_over_active_flops"] = ours["flops"] / ours["active_flops"]
-      for ref in ("dense_ffn", "oracle", "moe_ragged_dot"):
+      for ref in ("dense_ffn", "oracle", "moe_ragged_dot", "moe_tiled_single"):
         if ref in by:
           s[f"time_moe_tiled_over_{ref}"] = ours["fwd_bwd_ms"] / by[ref]["fwd_bwd_ms"]
   return {"command": " ".join(["python", "experiments/moe_benchmark.py", *sys.argv[1:]]),
@@ -192,7 +198,10 @@ def main(argv: list[str]) -> None:
   parser.add_argument("--expert_hidden", type=int, default=256)
   parser.add_argument("--gate_hidden", type=int, default=256)
   parser.add_argument("--impls", default=",".join(IMPLS))
-  parser.add_argument("--tile", type=int, default=0, help="Tiled path rows per tile (0: auto).")
+  parser.add_argument("--tile", type=int, default=0,
+                      help="Tiled path padding unit, its smallest tile (0: auto).")
+  parser.add_argument("--max_tile", type=int, default=moe_dispatch.MAX_TILE,
+                      help="Tiled path largest tile.")
   parser.add_argument("--oracle_max_e", type=int, default=128,
                       help="Skip the oracle above this many experts (it costs E/k x).")
   parser.add_argument("--repeats", type=int, default=5)

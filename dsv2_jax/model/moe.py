@@ -108,7 +108,8 @@ class MoEFeedForward(nn.Module):
     limit = moe_dispatch.capacity(expert_idx.size, e, moe.capacity_factor)
     y, plan = moe_dispatch.grouped_ffn(
         x, expert_idx, weights, w_in, w_out, act=ACTIVATIONS[cfg.activation], gated=gated,
-        dtype=dtype, path=moe.dispatch, tile=moe.tile_rows, capacity_limit=limit)
+        dtype=dtype, path=moe.dispatch, tile=moe.tile_rows, max_tile=moe.max_tile_rows,
+        capacity_limit=limit)
     y = checkpoint_name(y, "moe_out")
     if moe.num_shared_experts:
       shared_cfg = ml_collections.FrozenConfigDict({
@@ -120,5 +121,5 @@ class MoEFeedForward(nn.Module):
     self.sow("intermediates", "z_loss", router_z_loss(logits))
     self.sow("intermediates", "expert_load", load)
     self.sow("intermediates", "dropped_fraction", plan.dropped / expert_idx.size)
-    self.sow("intermediates", "executed_rows", plan.num_tiles * plan.tile)
+    self.sow("intermediates", "executed_rows", plan.executed_rows)
     return nn.with_logical_constraint(y.astype(dtype), ("tokens", "act_embed"))

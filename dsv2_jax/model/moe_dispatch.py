@@ -5,9 +5,11 @@ by expert (stable, so earlier tokens come first within an expert), applies an op
 per-expert capacity (pairs past it are dropped: weight 0, counted), and lays the kept
 pairs out in expert-contiguous groups. Two grouped-FFN paths consume that layout:
 
-  tiled       (CPU default) every group is padded to a multiple of `tile` rows; a
-              while-loop runs one expert FFN per tile, for the tiles in use only, so the
-              executed FLOPs are (kept pairs + padding) x the FFN's per-row FLOPs, with
+  tiled       (CPU default) every group is padded to a multiple of `tile` rows and
+              covered by tiles of max_tile, max_tile / 2, ..., tile rows (the largest
+              first, so most rows run in large matmuls); one while-loop per tile size
+              runs one expert FFN per tile, for the tiles in use only, so the executed
+              FLOPs are (kept pairs + padding) x the FFN's per-row FLOPs, with
               padding < E x tile. A custom VJP loops over the same tiles backwards; the
               expert-weight gradients are accumulated in place, one expert slice per
               tile (autodiff of the loop would add a full [E, D, F] zero-padded
@@ -22,6 +24,7 @@ routing weights. Both paths equal the article's loop over all experts
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Callable, NamedTuple
@@ -32,35 +35,72 @@ import jax.numpy as jnp
 Activation = Callable[[jax.Array], jax.Array]
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["start", "expert", "count"],
+                   meta_fields=["size"])
+@dataclasses.dataclass(frozen=True)
+class TileClass:
+  """The tiles of one size: a while-loop runs `count` of them, each over `size` rows.
+
+  Attributes:
+    start: int [max tiles] first buffer row of each tile.
+    expert: int [max tiles] expert of each tile.
+    count: int [] tiles in use (the first `count` entries).
+    size: rows per tile (static).
+  """
+
+  start: jax.Array
+  expert: jax.Array
+  count: jax.Array
+  size: int
+
+
 class DispatchPlan(NamedTuple):
   """Where each (token, choice) pair goes. X tokens, k choices, E experts, R buffer rows.
 
   Attributes:
     source: int [R] token feeding each buffer row (X for padding: a zero row).
     dest: int [X, k] buffer row of each pair (R for a dropped pair: a zero row).
-    tile_expert: int [R // tile] expert of each tile (tiled layout only).
-    num_tiles: int [] tiles in use (tiled layout only).
+    tiles: the tile classes covering the groups, largest first (the tiled path's loops).
+    executed_rows: int [] rows the tiles cover: kept pairs + padding.
     group_sizes: int [E] kept pairs per expert.
     dropped: int [] pairs dropped by the capacity limit.
-    tile: rows per tile (static; 1 for the unpadded ragged layout).
+    tile: the padding unit: groups are padded to a multiple of it (static; 1 = unpadded).
   """
 
   source: jax.Array
   dest: jax.Array
-  tile_expert: jax.Array
-  num_tiles: jax.Array
+  tiles: tuple[TileClass, ...]
+  executed_rows: jax.Array
   group_sizes: jax.Array
   dropped: jax.Array
   tile: int
 
 
+MAX_TILE = 128  # Default largest tile of the tiled path (rows per expert matmul).
+
+
 def auto_tile(num_pairs: int, num_experts: int) -> int:
   """Largest power of two in [8, 128] whose expected padding (E tile / 2) stays <= 10%
-  of the pairs: small enough for the FLOP bound, large enough for efficient matmuls."""
+  of the pairs: the padding unit, small enough for the FLOP bound."""
   tile = 128
   while tile > 8 and num_experts * tile / 2 > 0.1 * num_pairs:
     tile //= 2
   return tile
+
+
+def tile_sizes(tile: int, max_tile: int) -> tuple[int, ...]:
+  """Tile classes, largest first: max_tile, max_tile / 2, ..., tile (powers-of-two steps).
+
+  A group padded to a multiple of `tile` is covered by as many max_tile tiles as fit,
+  then by the binary decomposition of the rest, so most rows run in large matmuls while
+  the padding stays below one `tile` per expert.
+  """
+  if max_tile < tile:
+    raise ValueError(f"max_tile={max_tile} must be >= tile={tile}.")
+  sizes = [tile]
+  while sizes[-1] * 2 <= max_tile:
+    sizes.append(sizes[-1] * 2)
+  return tuple(reversed(sizes))
 
 
 def capacity(num_pairs: int, num_experts: int, capacity_factor: float) -> int | None:
@@ -71,11 +111,12 @@ def capacity(num_pairs: int, num_experts: int, capacity_factor: float) -> int | 
 
 
 def plan_dispatch(expert_idx: jax.Array, num_experts: int, tile: int,
-                  capacity_limit: int | None = None) -> DispatchPlan:
+                  capacity_limit: int | None = None, max_tile: int = 0) -> DispatchPlan:
   """Sorts the pairs of `expert_idx` [X, k] into expert-contiguous groups.
 
-  With tile > 1 each group is padded to a multiple of `tile` rows (tiled path); with
-  tile = 1 the groups are packed with no gaps (ragged_dot path).
+  With tile > 1 each group is padded to a multiple of `tile` rows and covered by tiles
+  of the sizes `tile_sizes(tile, max_tile)` (max_tile 0: tile only); with tile = 1 the
+  groups are packed with no gaps (ragged_dot path).
   """
   x, k = expert_idx.shape
   pairs = x * k
@@ -94,14 +135,37 @@ def plan_dispatch(expert_idx: jax.Array, num_experts: int, tile: int,
   dest = jnp.full((pairs,), rows, jnp.int32).at[order].set(dest_sorted.astype(jnp.int32))
   source = jnp.full((rows + 1,), x, jnp.int32).at[dest_sorted].set(
       (order // k).astype(jnp.int32))[:rows]  # Row `rows` absorbs the dropped pairs.
-  tile_starts = jnp.arange(rows // tile) * tile
-  ends = jnp.cumsum(padded)
-  tile_expert = jnp.minimum(jnp.searchsorted(ends, tile_starts, side="right"),
-                            num_experts - 1).astype(jnp.int32)
-  return DispatchPlan(source=source, dest=dest.reshape(x, k), tile_expert=tile_expert,
-                      num_tiles=(ends[-1] // tile).astype(jnp.int32),
+  sizes = tile_sizes(tile, max(tile, min(max_tile or tile, rows)))
+  tiles = tile_classes(padded, padded_starts, rows, sizes)
+  return DispatchPlan(source=source, dest=dest.reshape(x, k), tiles=tiles,
+                      executed_rows=jnp.sum(padded).astype(jnp.int32),
                       group_sizes=kept_counts.astype(jnp.int32),
                       dropped=(pairs - jnp.sum(kept_counts)).astype(jnp.int32), tile=tile)
+
+
+def tile_classes(padded: jax.Array, padded_starts: jax.Array, rows: int,
+                 sizes: tuple[int, ...]) -> tuple[TileClass, ...]:
+  """Covers each group (padded [E] rows from padded_starts [E]) with tiles of `sizes`.
+
+  Within a group: first the largest tiles, as many as fit, then one tile of each
+  smaller size whose bit is set in the remainder (sizes are successive halvings).
+  """
+  num_experts = padded.shape[0]
+  classes = []
+  for c, size in enumerate(sizes):
+    if c == 0:
+      per_expert, offset = padded // size, jnp.zeros_like(padded)
+    else:  # At most one tile of this size: the `size` bit of the group's row count.
+      per_expert, offset = (padded // size) % 2, padded - padded % (2 * size)
+    max_tiles = rows // size if c == 0 else min(num_experts, rows // size)
+    ends = jnp.cumsum(per_expert)
+    j = jnp.arange(max_tiles)
+    expert = jnp.minimum(jnp.searchsorted(ends, j, side="right"), num_experts - 1)
+    within = j - (ends[expert] - per_expert[expert])
+    start = jnp.clip(padded_starts[expert] + offset[expert] + within * size, 0, rows - size)
+    classes.append(TileClass(start=start.astype(jnp.int32), expert=expert.astype(jnp.int32),
+                             count=ends[-1].astype(jnp.int32), size=size))
+  return tuple(classes)
 
 
 def buffer_rows(num_pairs: int, num_experts: int, tile: int, capacity_limit: int | None) -> int:
@@ -160,56 +224,63 @@ def expert_ffn(x: jax.Array, w_in: jax.Array, w_out: jax.Array, act: Activation,
 
 # --- tiled path ----------------------------------------------------------------------------
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def tiled_ffn(rows: jax.Array, w_in: jax.Array, w_out: jax.Array, tile_expert: jax.Array,
-              num_tiles: jax.Array, tile: int, act: Activation, gated: bool,
+def _for_each_tile(tiles: tuple[TileClass, ...], body, carry):
+  """Runs body(start, expert, size, carry) over the used tiles of every class."""
+  for tc in tiles:
+    def step(j, carry, tc=tc):
+      return body(tc.start[j], tc.expert[j], tc.size, carry)
+    carry = jax.lax.fori_loop(0, tc.count, step, carry)
+  return carry
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def tiled_ffn(rows: jax.Array, w_in: jax.Array, w_out: jax.Array,
+              tiles: tuple[TileClass, ...], act: Activation, gated: bool,
               dtype: jnp.dtype) -> jax.Array:
-  """Expert FFNs over a tiled buffer: rows [R, D] -> [R, D]; tiles past num_tiles are zero.
+  """Expert FFNs over a tiled buffer: rows [R, D] -> [R, D]; rows no tile covers are zero.
 
   w_in: [E, D, G F] (`flat_in`), w_out: [E, F, D]. The forward keeps the input
   projections [R, G F] for the backward, so forward + backward execute 3x the
   forward's matmul FLOPs, as plain autodiff would, over the used tiles only.
   """
-  return _tiled_forward(rows, w_in, w_out, tile_expert, num_tiles, tile, act, gated, dtype)[0]
+  return _tiled_forward(rows, w_in, w_out, tiles, act, gated, dtype)[0]
 
 
-def _tiled_forward(rows, w_in, w_out, tile_expert, num_tiles, tile, act, gated, dtype):
-  def body(j, carry):
+def _tiled_forward(rows, w_in, w_out, tiles, act, gated, dtype):
+  def body(start, e, size, carry):
     out, pre_all = carry
-    e = tile_expert[j]
-    x = jax.lax.dynamic_slice_in_dim(rows, j * tile, tile, axis=0)
+    x = jax.lax.dynamic_slice_in_dim(rows, start, size, axis=0)
     pre = expert_pre(x, w_in[e], dtype)
     y = expert_post(pre, w_out[e], act, gated, dtype)
-    out = jax.lax.dynamic_update_slice_in_dim(out, y, j * tile, axis=0)
-    pre_all = jax.lax.dynamic_update_slice_in_dim(pre_all, pre, j * tile, axis=0)
+    out = jax.lax.dynamic_update_slice_in_dim(out, y, start, axis=0)
+    pre_all = jax.lax.dynamic_update_slice_in_dim(pre_all, pre, start, axis=0)
     return out, pre_all
 
   init = (jnp.zeros(rows.shape, dtype), jnp.zeros((rows.shape[0], w_in.shape[-1]), dtype))
-  out, pre_all = jax.lax.fori_loop(0, num_tiles, body, init)
-  return out, (rows, w_in, w_out, tile_expert, num_tiles, pre_all)
+  out, pre_all = _for_each_tile(tiles, body, init)
+  return out, (rows, w_in, w_out, tiles, pre_all)
 
 
-def _tiled_backward(tile, act, gated, dtype, residuals, d_out):
-  rows, w_in, w_out, tile_expert, num_tiles, pre_all = residuals
+def _tiled_backward(act, gated, dtype, residuals, d_out):
+  rows, w_in, w_out, tiles, pre_all = residuals
 
-  def body(j, carry):
+  def body(start, e, size, carry):
     d_rows, d_in, d_w_out = carry
-    e = tile_expert[j]
-    x = jax.lax.dynamic_slice_in_dim(rows, j * tile, tile, axis=0)
-    pre = jax.lax.dynamic_slice_in_dim(pre_all, j * tile, tile, axis=0)
-    dy = jax.lax.dynamic_slice_in_dim(d_out, j * tile, tile, axis=0).astype(dtype)
+    x = jax.lax.dynamic_slice_in_dim(rows, start, size, axis=0)
+    pre = jax.lax.dynamic_slice_in_dim(pre_all, start, size, axis=0)
+    dy = jax.lax.dynamic_slice_in_dim(d_out, start, size, axis=0).astype(dtype)
     _, post_vjp = jax.vjp(lambda p, w: expert_post(p, w, act, gated, dtype), pre, w_out[e])
     d_pre, dwo = post_vjp(dy)
     dx = _dot(d_pre, w_in[e].T, dtype)
     dwi = jnp.dot(x.T.astype(dtype), d_pre.astype(dtype), preferred_element_type=jnp.float32)
-    d_rows = jax.lax.dynamic_update_slice_in_dim(d_rows, dx.astype(d_rows.dtype), j * tile, 0)
+    d_rows = jax.lax.dynamic_update_slice_in_dim(d_rows, dx.astype(d_rows.dtype), start, 0)
     d_in = d_in.at[e].add(dwi.astype(d_in.dtype))  # In place: one expert's slice.
     d_w_out = d_w_out.at[e].add(dwo.astype(d_w_out.dtype))
     return d_rows, d_in, d_w_out
 
   init = (jnp.zeros_like(rows), jnp.zeros_like(w_in), jnp.zeros_like(w_out))
-  d_rows, d_in, d_w_out = jax.lax.fori_loop(0, num_tiles, body, init)
-  return d_rows, d_in, d_w_out, None, None
+  d_rows, d_in, d_w_out = _for_each_tile(tiles, body, init)
+  return d_rows, d_in, d_w_out, None
 
 
 tiled_ffn.defvjp(_tiled_forward, _tiled_backward)
@@ -236,8 +307,8 @@ def default_path() -> str:
 
 def grouped_ffn(x: jax.Array, expert_idx: jax.Array, weights: jax.Array, w_in: jax.Array,
                 w_out: jax.Array, *, act: Activation, gated: bool, dtype: jnp.dtype,
-                path: str = "auto", tile: int = 0, capacity_limit: int | None = None
-                ) -> tuple[jax.Array, DispatchPlan]:
+                path: str = "auto", tile: int = 0, max_tile: int = MAX_TILE,
+                capacity_limit: int | None = None) -> tuple[jax.Array, DispatchPlan]:
   """Routed experts on tokens: x [X, D], expert_idx / weights [X, k] -> ([X, D], plan).
 
   w_in: [E, D, 2, F] (gate, up) if gated else [E, D, F]; w_out: [E, F, D].
@@ -250,9 +321,8 @@ def grouped_ffn(x: jax.Array, expert_idx: jax.Array, weights: jax.Array, w_in: j
   pairs = expert_idx.size
   if path == "tiled":
     tile = tile or auto_tile(pairs, num_experts)
-    plan = plan_dispatch(expert_idx, num_experts, tile, capacity_limit)
-    y = tiled_ffn(gather_rows(x, plan), w_in, w_out, plan.tile_expert, plan.num_tiles,
-                  tile, act, gated, dtype)
+    plan = plan_dispatch(expert_idx, num_experts, tile, capacity_limit, max_tile)
+    y = tiled_ffn(gather_rows(x, plan), w_in, w_out, plan.tiles, act, gated, dtype)
   elif path == "ragged_dot":
     plan = plan_dispatch(expert_idx, num_experts, 1, capacity_limit)
     y = ragged_ffn(gather_rows(x, plan), w_in, w_out, plan.group_sizes, act, gated, dtype)

@@ -30,7 +30,8 @@ def problem(x_tokens, d, f, e, k, gated, seed=0, skew=0.0):
   return x, w_in, w_out, idx, weights
 
 
-def check_against_oracle(x, w_in, w_out, idx, weights, act_name, path, tile=0, factor=0.0):
+def check_against_oracle(x, w_in, w_out, idx, weights, act_name, path, tile=0, factor=0.0,
+                         max_tile=0):
   act, gated = ACTS[act_name]
   e = w_out.shape[0]
   limit = moe_dispatch.capacity(idx.size, e, factor)
@@ -38,7 +39,7 @@ def check_against_oracle(x, w_in, w_out, idx, weights, act_name, path, tile=0, f
   def ours(x, w_in, w_out, weights):
     return moe_dispatch.grouped_ffn(x, idx, weights, w_in, w_out, act=act, gated=gated,
                                     dtype=jnp.float32, path=path, tile=tile,
-                                    capacity_limit=limit)
+                                    max_tile=max_tile or tile, capacity_limit=limit)
 
   y, plan = jax.jit(ours)(x, w_in, w_out, weights)
   keep = np.asarray(plan.dest) < plan.source.shape[0]
@@ -57,16 +58,19 @@ def check_against_oracle(x, w_in, w_out, idx, weights, act_name, path, tile=0, f
 
 
 @pytest.mark.parametrize("path", ["tiled", "ragged_dot"])
-@pytest.mark.parametrize("e,k,act_name,tile,skew", [
-    (8, 2, "swiglu", 4, 0.0),
-    (4, 4, "swiglu", 8, 0.0),      # E = k: every token uses every expert.
-    (16, 4, "gelu", 8, 1.5),       # Uneven loads; some experts get nothing.
-    (6, 1, "swiglu", 1, 0.5),      # Tile of one row.
-    (5, 3, "gelu", 16, 0.0),       # Tiles larger than most groups.
+@pytest.mark.parametrize("e,k,act_name,tile,max_tile,skew", [
+    (8, 2, "swiglu", 4, 4, 0.0),
+    (4, 4, "swiglu", 8, 8, 0.0),      # E = k: every token uses every expert.
+    (16, 4, "gelu", 8, 8, 1.5),       # Uneven loads; some experts get nothing.
+    (6, 1, "swiglu", 1, 1, 0.5),      # Tile of one row.
+    (5, 3, "gelu", 16, 16, 0.0),      # Tiles larger than most groups.
+    (3, 2, "swiglu", 2, 16, 0.5),     # Tile classes 16, 8, 4, 2 per group.
+    (4, 2, "gelu", 4, 512, 1.0),      # Largest class above the buffer: clamped.
 ])
-def test_dropless_dispatch_equals_the_article_loop(path, e, k, act_name, tile, skew):
+def test_dropless_dispatch_equals_the_article_loop(path, e, k, act_name, tile, max_tile, skew):
   x, w_in, w_out, idx, weights = problem(37, 12, 20, e, k, ACTS[act_name][1], skew=skew)
-  plan, keep = check_against_oracle(x, w_in, w_out, idx, weights, act_name, path, tile)
+  plan, keep = check_against_oracle(x, w_in, w_out, idx, weights, act_name, path, tile,
+                                    max_tile=max_tile)
   assert keep.all() and int(plan.dropped) == 0
   np.testing.assert_array_equal(plan.group_sizes, np.bincount(np.asarray(idx).ravel(),
                                                               minlength=e))
@@ -104,26 +108,45 @@ def test_random_routings_match_the_oracle(tokens, e, data, tile, seed, skew, gat
   factor = data.draw(st.sampled_from([0.0, 0.0, 0.7, 1.25]))
   act_name = "swiglu" if gated else "gelu"
   x, w_in, w_out, idx, weights = problem(tokens, 6, 10, e, k, gated, seed, skew)
-  check_against_oracle(x, w_in, w_out, idx, weights, act_name, "tiled", tile, factor)
+  max_tile = tile * data.draw(st.sampled_from([1, 2, 8]))
+  check_against_oracle(x, w_in, w_out, idx, weights, act_name, "tiled", tile, factor, max_tile)
 
 
-def test_tiled_path_executes_only_the_used_tiles():
-  """Executed rows = kept pairs + per-expert padding < E x tile, not the buffer size."""
-  e, k, tile = 16, 2, 8
-  *_, idx, _ = problem(200, 4, 4, e, k, True, skew=0.3)
-  plan = moe_dispatch.plan_dispatch(idx, e, tile)
+@pytest.mark.parametrize("tile,max_tile,factor", [(8, 8, 0.0), (2, 16, 0.0), (4, 32, 0.8)])
+def test_tiles_cover_each_group_once_with_the_largest_tiles_first(tile, max_tile, factor):
+  """Executed rows = kept pairs + per-expert padding < E x tile, not the buffer size; each
+  padded group is covered exactly once by its own expert's tiles, largest first."""
+  e, k, x_tokens = 16, 2, 200
+  *_, idx, _ = problem(x_tokens, 4, 4, e, k, True, skew=0.3)
+  limit = moe_dispatch.capacity(idx.size, e, factor)
+  plan = moe_dispatch.plan_dispatch(idx, e, tile, limit, max_tile)
   counts = np.bincount(np.asarray(idx).ravel(), minlength=e)
-  assert int(plan.num_tiles) * tile == int(sum(-(-c // tile) * tile for c in counts))
-  assert idx.size <= int(plan.num_tiles) * tile < idx.size + e * tile
-  assert plan.source.shape[0] >= int(plan.num_tiles) * tile
-  # Every used tile is owned by the expert whose rows it holds.
+  kept = counts if limit is None else np.minimum(counts, limit)
+  padded = -(-kept // tile) * tile
+  assert int(plan.executed_rows) == padded.sum()
+  assert kept.sum() <= padded.sum() < kept.sum() + e * tile
+  sizes = [tc.size for tc in plan.tiles]
+  assert sizes == [max_tile // 2 ** i for i in range(len(sizes))] and sizes[-1] == tile
+  owner = np.full(plan.source.shape[0], -1)
+  for tc in plan.tiles:
+    for j in range(int(tc.count)):
+      start, expert = int(tc.start[j]), int(tc.expert[j])
+      assert (owner[start:start + tc.size] == -1).all(), "tiles overlap"
+      owner[start:start + tc.size] = expert
+  offsets = np.cumsum(padded) - padded
+  for expert in range(e):  # Exactly the group's rows, owned by the group's expert.
+    np.testing.assert_array_equal(owner[offsets[expert]:offsets[expert] + padded[expert]], expert)
+  assert (owner[padded.sum():] == -1).all()
+  # Largest first: a group of n padded rows uses n // max_tile large tiles, then the bits.
+  large = plan.tiles[0]
+  np.testing.assert_array_equal(np.bincount(np.asarray(large.expert[:int(large.count)]),
+                                            minlength=e), padded // max_tile)
+  # Every used row holds a token routed to the tile's expert (or padding).
   source = np.asarray(plan.source)
   flat_expert = np.asarray(idx)
-  for j in range(int(plan.num_tiles)):
-    rows = source[j * tile:(j + 1) * tile]
-    tokens = rows[rows < 200]
-    owner = int(plan.tile_expert[j])
-    assert all(owner in flat_expert[t] for t in tokens)
+  for row in np.flatnonzero(owner >= 0):
+    if source[row] < x_tokens:
+      assert owner[row] in flat_expert[source[row]]
 
 
 def test_auto_tile_keeps_padding_within_ten_percent():
