@@ -74,31 +74,39 @@ def main(argv: list[str]) -> None:
   parser.add_argument("--variants", default=",".join(VARIANTS))
   parser.add_argument("--data_dir", default="~/tensorflow_datasets")
   parser.add_argument("--workdir", default="runs/moe_quality")
+  parser.add_argument("--resume", default="",
+                      help="A run folder (WORKDIR/TIMESTAMP) whose finished variants are reused.")
   parser.add_argument("--quick", action="store_true", help="A few steps of each variant.")
   args = parser.parse_args(argv)
   if args.quick:
     args.steps = 20
   args.data_dir = os.path.expanduser(args.data_dir)
-  root = os.path.join(args.workdir, time.strftime("%Y%m%d-%H%M%S"))
+  root = args.resume or os.path.join(args.workdir, time.strftime("%Y%m%d-%H%M%S"))
   results: dict[str, Any] = {}
   for name in args.variants.split(","):
+    workdir = os.path.join(root, name)
+    saved = os.path.join(workdir, "result.json")
+    if args.resume and os.path.exists(saved):  # Finished in the run being resumed.
+      with open(saved) as f:
+        results[name] = json.load(f)
+      print(f"{name} (from {saved}): {json.dumps(results[name])}", flush=True)
+      continue
     c = variant_config(name, args)
     report = info.model_info(c)
     start = time.perf_counter()
-    workdir = os.path.join(root, name)
     result = trainer.train_and_evaluate(c, workdir)
     result.update(train_seconds=time.perf_counter() - start, total_params=report["total_params"],
                   active_params=report["active_params"], load=load_stats(workdir))
+    with open(saved, "w") as f:
+      json.dump(result, f)
     results[name] = result
     print(f"{name}: {json.dumps(result)}", flush=True)
-  if "dense" in results:
-    for name in results:
-      if name != "dense":
-        results[f"perplexity_ratio_{name}_over_dense"] = (results[name]["perplexity"]
-                                                         / results["dense"]["perplexity"])
+  summary = {f"perplexity_ratio_{name}_over_dense": results[name]["perplexity"]
+             / results["dense"]["perplexity"] for name in results
+             if "dense" in results and name != "dense"}
   out = {"command": " ".join(["python", "experiments/moe_quality.py", *argv]),
          "device": jax.devices()[0].device_kind, "steps": args.steps,
-         "experts": args.experts, "top_k": args.top_k, "results": results}
+         "experts": args.experts, "top_k": args.top_k, "results": results, "summary": summary}
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(out, f, indent=2)

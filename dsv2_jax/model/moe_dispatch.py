@@ -31,6 +31,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Activation = Callable[[jax.Array], jax.Array]
 
@@ -59,6 +60,7 @@ class DispatchPlan(NamedTuple):
 
   Attributes:
     source: int [R] token feeding each buffer row (X for padding: a zero row).
+    row_pair: int [R] flat pair (token x k + choice) held by each row (X k for padding).
     dest: int [X, k] buffer row of each pair (R for a dropped pair: a zero row).
     tiles: the tile classes covering the groups, largest first (the tiled path's loops).
     executed_rows: int [] rows the tiles cover: kept pairs + padding.
@@ -68,6 +70,7 @@ class DispatchPlan(NamedTuple):
   """
 
   source: jax.Array
+  row_pair: jax.Array
   dest: jax.Array
   tiles: tuple[TileClass, ...]
   executed_rows: jax.Array
@@ -133,11 +136,12 @@ def plan_dispatch(expert_idx: jax.Array, num_experts: int, tile: int,
   rows = buffer_rows(pairs, num_experts, tile, capacity_limit)
   dest_sorted = jnp.where(keep, padded_starts[sorted_expert] + rank, rows)
   dest = jnp.full((pairs,), rows, jnp.int32).at[order].set(dest_sorted.astype(jnp.int32))
-  source = jnp.full((rows + 1,), x, jnp.int32).at[dest_sorted].set(
-      (order // k).astype(jnp.int32))[:rows]  # Row `rows` absorbs the dropped pairs.
+  row_pair = jnp.full((rows + 1,), pairs, jnp.int32).at[dest_sorted].set(
+      order.astype(jnp.int32))[:rows]  # Row `rows` absorbs the dropped pairs.
   sizes = tile_sizes(tile, max(tile, min(max_tile or tile, rows)))
   tiles = tile_classes(padded, padded_starts, rows, sizes)
-  return DispatchPlan(source=source, dest=dest.reshape(x, k), tiles=tiles,
+  return DispatchPlan(source=row_pair // k, row_pair=row_pair, dest=dest.reshape(x, k),
+                      tiles=tiles,
                       executed_rows=jnp.sum(padded).astype(jnp.int32),
                       group_sizes=kept_counts.astype(jnp.int32),
                       dropped=(pairs - jnp.sum(kept_counts)).astype(jnp.int32), tile=tile)
@@ -178,16 +182,45 @@ def buffer_rows(num_pairs: int, num_experts: int, tile: int, capacity_limit: int
   return -(-worst // tile) * tile
 
 
+@jax.custom_vjp
+def take_rows(x: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
+  """out[i] = x[index[i]] (index len(x): a zero row), with a gather as its transpose.
+
+  `inverse` [len(x), m] lists, for each row of x, every i with index[i] == that row
+  (padded with len(index)), so the gradient d_x[t] = sum_m d_out[inverse[t, m]] is a
+  gather and a sum rather than XLA's scatter-add, which runs row by row on CPU.
+  """
+  return _take_with_zero_row(x, index)
+
+
+def _take_with_zero_row(x: jax.Array, index: jax.Array) -> jax.Array:
+  x_pad = jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)], axis=0)
+  return jnp.take(x_pad, index, axis=0)
+
+
+def _take_rows_fwd(x, index, inverse):
+  return _take_with_zero_row(x, index), (index, inverse)
+
+
+def _take_rows_bwd(residuals, d_out):
+  index, inverse = residuals
+  d_x = jnp.sum(_take_with_zero_row(d_out, inverse), axis=1)
+  return d_x, None, None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
 def gather_rows(x: jax.Array, plan: DispatchPlan) -> jax.Array:
   """[X, D] tokens -> [R, D] expert-sorted buffer (padding rows are zero)."""
-  x_pad = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)], axis=0)
-  return jnp.take(x_pad, plan.source, axis=0)
+  return take_rows(x, plan.source, plan.dest)
 
 
 def combine(y: jax.Array, plan: DispatchPlan, weights: jax.Array) -> jax.Array:
   """[R, D] expert outputs -> [X, D]: sum over each token's k pairs of weight x output."""
-  y_pad = jnp.concatenate([y, jnp.zeros((1, y.shape[1]), y.dtype)], axis=0)
-  picked = jnp.take(y_pad, plan.dest, axis=0)  # [X, k, D]; dropped pairs read the zero row.
+  x, k = plan.dest.shape
+  picked = take_rows(y, plan.dest.reshape(x * k), plan.row_pair[:, None])
+  picked = picked.reshape(x, k, y.shape[1])  # Dropped pairs read the zero row.
   return jnp.einsum("XKD,XK->XD", picked, weights.astype(picked.dtype))
 
 
@@ -258,6 +291,7 @@ def _tiled_forward(rows, w_in, w_out, tiles, act, gated, dtype):
 
   init = (jnp.zeros(rows.shape, dtype), jnp.zeros((rows.shape[0], w_in.shape[-1]), dtype))
   out, pre_all = _for_each_tile(tiles, body, init)
+  pre_all = checkpoint_name(pre_all, "moe_expert_pre")  # The backward's main residual.
   return out, (rows, w_in, w_out, tiles, pre_all)
 
 
@@ -295,7 +329,7 @@ def ragged_ffn(rows: jax.Array, w_in: jax.Array, w_out: jax.Array, group_sizes: 
   dot = lambda a, b: jax.lax.ragged_dot(a.astype(dtype), b.astype(dtype), group_sizes,  # noqa: E731
                                         preferred_element_type=jnp.float32).astype(dtype)
   f = w_out.shape[1]
-  pre = dot(rows, w_in)
+  pre = checkpoint_name(dot(rows, w_in), "moe_expert_pre")
   hidden = act(pre[:, :f]) * pre[:, f:] if gated else act(pre)
   return dot(hidden, w_out)
 
@@ -322,10 +356,12 @@ def grouped_ffn(x: jax.Array, expert_idx: jax.Array, weights: jax.Array, w_in: j
   if path == "tiled":
     tile = tile or auto_tile(pairs, num_experts)
     plan = plan_dispatch(expert_idx, num_experts, tile, capacity_limit, max_tile)
-    y = tiled_ffn(gather_rows(x, plan), w_in, w_out, plan.tiles, act, gated, dtype)
+    rows = checkpoint_name(gather_rows(x, plan), "moe_rows")
+    y = tiled_ffn(rows, w_in, w_out, plan.tiles, act, gated, dtype)
   elif path == "ragged_dot":
     plan = plan_dispatch(expert_idx, num_experts, 1, capacity_limit)
-    y = ragged_ffn(gather_rows(x, plan), w_in, w_out, plan.group_sizes, act, gated, dtype)
+    rows = checkpoint_name(gather_rows(x, plan), "moe_rows")
+    y = ragged_ffn(rows, w_in, w_out, plan.group_sizes, act, gated, dtype)
   else:
     raise ValueError(f"unknown MoE dispatch path {path!r}; use 'auto', 'tiled' or 'ragged_dot'.")
   return combine(y, plan, weights), plan
