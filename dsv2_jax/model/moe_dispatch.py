@@ -59,7 +59,6 @@ class DispatchPlan(NamedTuple):
   """Where each (token, choice) pair goes. X tokens, k choices, E experts, R buffer rows.
 
   Attributes:
-    source: int [R] token feeding each buffer row (X for padding: a zero row).
     row_pair: int [R] flat pair (token x k + choice) held by each row (X k for padding).
     dest: int [X, k] buffer row of each pair (R for a dropped pair: a zero row).
     tiles: the tile classes covering the groups, largest first (the tiled path's loops).
@@ -69,7 +68,6 @@ class DispatchPlan(NamedTuple):
     tile: the padding unit: groups are padded to a multiple of it (static; 1 = unpadded).
   """
 
-  source: jax.Array
   row_pair: jax.Array
   dest: jax.Array
   tiles: tuple[TileClass, ...]
@@ -77,6 +75,11 @@ class DispatchPlan(NamedTuple):
   group_sizes: jax.Array
   dropped: jax.Array
   tile: int
+
+  @property
+  def source(self) -> jax.Array:
+    """int [R] token feeding each buffer row (X for padding: a zero row)."""
+    return self.row_pair // self.dest.shape[1]
 
 
 MAX_TILE = 128  # Default largest tile of the tiled path (rows per expert matmul).
@@ -140,8 +143,7 @@ def plan_dispatch(expert_idx: jax.Array, num_experts: int, tile: int,
       order.astype(jnp.int32))[:rows]  # Row `rows` absorbs the dropped pairs.
   sizes = tile_sizes(tile, max(tile, min(max_tile or tile, rows)))
   tiles = tile_classes(padded, padded_starts, rows, sizes)
-  return DispatchPlan(source=row_pair // k, row_pair=row_pair, dest=dest.reshape(x, k),
-                      tiles=tiles,
+  return DispatchPlan(row_pair=row_pair, dest=dest.reshape(x, k), tiles=tiles,
                       executed_rows=jnp.sum(padded).astype(jnp.int32),
                       group_sizes=kept_counts.astype(jnp.int32),
                       dropped=(pairs - jnp.sum(kept_counts)).astype(jnp.int32), tile=tile)
