@@ -89,7 +89,8 @@ def default_config() -> ml_collections.ConfigDict:
   m.moe.dispatch = "auto"  # auto | tiled | ragged_dot (auto: tiled on CPU, else ragged_dot).
   m.moe.tile_rows = 0  # Padding unit of the tiled dispatch; 0 picks from tokens and E.
   m.moe.max_tile_rows = 128  # Largest tile; tiles halve from it down to tile_rows.
-  m.remat_policy = "none"  # A name in dsv2_jax/model/remat.py (jax.checkpoint policy per layer).
+  m.remat_policy = "none"  # none | full | dots | layered | offload | custom (model/remat.py).
+  m.remat_names = ""  # remat_policy=custom: comma-separated activations to keep, e.g. "query,key".
   m.scan_layers = True  # nn.scan over layers (fast compile; remat shows in memory).
   m.scan_unroll = 1  # Layers per scan iteration (>= num_layers: no loop); trades compile time.
   m.dtype = "float32"  # Compute dtype of activations and matmuls.
@@ -247,6 +248,14 @@ def _validate_moe(m: ml_collections.ConfigDict) -> None:
          "(0 or <= tile_rows: one tile size).")
 
 
+def _validate_remat(m: ml_collections.ConfigDict) -> None:
+  _check_choice(m.remat_policy, "model.remat_policy", remat.POLICIES)
+  try:
+    remat.policy(m.remat_policy, m.remat_names)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks the whole config once; raises ConfigError naming the field and the fix."""
   m, d, t = config.model, config.data, config.train
@@ -278,7 +287,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if m.attention != "dense":
     _validate_dsa(m.dsa)
   _validate_moe(m)
-  _check_choice(m.remat_policy, "model.remat_policy", remat.names())
+  _validate_remat(m)
   _check_choice(d.tokenizer, "data.tokenizer", TOKENIZERS)
   _check(0.0 <= m.dropout_rate < 1.0, f"model.dropout_rate={m.dropout_rate} must be in [0, 1).")
   _check(m.scan_unroll >= 1, f"model.scan_unroll={m.scan_unroll} must be >= 1 "

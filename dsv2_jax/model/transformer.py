@@ -117,7 +117,7 @@ class Transformer(nn.Module):
 
     for name, unit, repeats in layer_plan(cfg):
       if cfg.remat_policy != "none":
-        unit = nn.remat(unit, policy=remat.policy(cfg.remat_policy),
+        unit = nn.remat(unit, policy=remat.policy(cfg.remat_policy, cfg.remat_names),
                         prevent_cse=not cfg.scan_layers)
       if cfg.scan_layers:
         stack = nn.scan(
