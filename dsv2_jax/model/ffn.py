@@ -39,4 +39,5 @@ class FeedForward(nn.Module):
       hidden = act(up)
     hidden = nn.with_logical_constraint(hidden, ("tokens", "act_mlp"))
     hidden = checkpoint_name(hidden, "ffn_hidden")
-    return dense((f, d), ("mlp", "embed"), "down")("XF,FD->XD", hidden)
+    out = dense((f, d), ("mlp", "embed"), "down")("XF,FD->XD", hidden)
+    return checkpoint_name(out, "ffn_down")

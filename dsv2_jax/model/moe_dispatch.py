@@ -359,11 +359,12 @@ def grouped_ffn(x: jax.Array, expert_idx: jax.Array, weights: jax.Array, w_in: j
     tile = tile or auto_tile(pairs, num_experts)
     plan = plan_dispatch(expert_idx, num_experts, tile, capacity_limit, max_tile)
     rows = checkpoint_name(gather_rows(x, plan), "moe_rows")
-    y = tiled_ffn(rows, w_in, w_out, plan.tiles, act, gated, dtype)
+    y = tiled_ffn(rows, w_in, w_out, plan.tiles, act, gated, dtype)  # [R, D]
   elif path == "ragged_dot":
     plan = plan_dispatch(expert_idx, num_experts, 1, capacity_limit)
     rows = checkpoint_name(gather_rows(x, plan), "moe_rows")
     y = ragged_ffn(rows, w_in, w_out, plan.group_sizes, act, gated, dtype)
   else:
     raise ValueError(f"unknown MoE dispatch path {path!r}; use 'auto', 'tiled' or 'ragged_dot'.")
+  y = checkpoint_name(y, "moe_expert_out")  # Read by the combine's weight gradient.
   return combine(y, plan, weights), plan

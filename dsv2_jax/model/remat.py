@@ -8,12 +8,14 @@ input. Every policy gives the same gradients as `none`; they differ in memory an
   none     no remat: autodiff keeps every residual.
   full     keep nothing but the layer input; recompute the whole layer.
   dots     keep every matmul output (no batch dims), recompute the element-wise rest.
-  layered  the article's policy: keep the FFN activations and the attention's Q and K;
-           recompute V, the attention itself and everything else. Also kept: the MoE
-           routing and expert outputs, and DSA's token scores and selection (a few
-           numbers per token, which spare the top-k).
+  layered  the article's policy (SPEC 2.2): keep the FFN activations (gate, up, hidden)
+           and the attention's Q and K; recompute V, the attention itself, the norms and
+           the projections' outputs. An MoE FFN keeps its routing, gathered rows and expert
+           activations; DSA keeps its token scores and selection ([B, T] and a few indices
+           per block), so the backward pass never redoes the top-k.
   offload  keep what `layered` keeps, in host memory (memory kind 'pinned_host'), and
-           copy it back for the backward pass.
+           copy it back for the backward pass. On CPU, host memory is device memory:
+           the copies vanish in lowering and the policy costs what `layered` does.
   custom   keep exactly the names listed in `model.remat_names` (comma-separated).
 """
 
@@ -34,14 +36,16 @@ TAGS: dict[str, str] = {
     "ffn_gate": "FFN: gate projection [X, F]",
     "ffn_up": "FFN: up projection [X, F]",
     "ffn_hidden": "FFN: act(gate) * up [X, F]",
+    "ffn_down": "FFN: down projection, the block's output [X, D]",
     "moe_routing": "MoE: chosen experts [X, k]",
     "moe_rows": "MoE: tokens gathered into expert-sorted rows [R, D]",
     "moe_expert_pre": "MoE: expert input projections (gate | up) [R, 2F]",
+    "moe_expert_out": "MoE: expert outputs, expert-sorted rows [R, D]",
     "moe_out": "MoE: combined expert output [X, D]",
 }
 
 LAYERED = ("query", "key", "dsa_scores", "dsa_selection", "ffn_gate", "ffn_up", "ffn_hidden",
-           "moe_routing", "moe_rows", "moe_expert_pre", "moe_out")
+           "moe_routing", "moe_rows", "moe_expert_pre", "moe_expert_out")
 
 OFFLOAD_SRC, OFFLOAD_DST = "device", "pinned_host"
 
