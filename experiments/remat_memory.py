@@ -1,0 +1,312 @@
+"""Remat policies: compiled memory, compiled FLOPs and step time of one train step.
+
+For every `model.remat_policy` (SPEC 2.2, dsv2_jax/model/remat.py) this compiles and runs
+one optimizer step of two models:
+  dense     configs/tiny.py at sequence length 1024, batch 2 (the README job's 2,048
+            tokens per step)
+  dsa_moe   the same with DSA attention and a GMoE FFN (8 experts, top-2, expert hidden
+            256: the dense model's active FFN parameters)
+and records, each also as a ratio to `none`:
+  temp_bytes  `memory_analysis().temp_size_in_bytes`, layers under nn.scan with
+              scan_unroll=1 (a fully unrolled scan lets XLA:CPU schedule the recompute
+              early and the saving vanishes; `--unroll` measures that)
+  flops       `cost_analysis()['flops']` of the same step with unscanned layers, since a
+              scan body's FLOPs count once
+  step_ms     median milliseconds per step of the scanned step, policies interleaved
+The `custom` case keeps the layered names plus V: the price of recomputing V.
+
+`paper` adds the per-device memory of configs/paper_175b.py (bf16, 4,096 tokens per
+sequence) on 8 simulated devices as a tensor-parallel mesh (tensor=8, one sequence per
+replica), from abstract shapes: the parameters and optimizer state per device from their
+shardings; temp memory compiled at 1 and 2 layers and extrapolated linearly to 45 (the
+layers are a scan, so temp memory is affine in depth). It runs in a subprocess, which
+simulates the devices.
+
+  python experiments/remat_memory.py --out docs/figures/remat_memory.json
+  python experiments/remat_memory.py --quick --out /tmp/remat_quick.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import report  # experiments/report.py (the script's own folder is on sys.path)
+from dsv2_jax import config as config_lib
+from dsv2_jax.model import remat
+from dsv2_jax.model.transformer import build_model
+from dsv2_jax.parallel import sharding
+from dsv2_jax.train import state as state_lib
+from dsv2_jax.train.optimizer import build_optimizer
+from dsv2_jax.train.step import jit_train_step, train_step
+
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+POLICIES = ("none", "full", "dots", "layered", "offload", "custom")
+CUSTOM_NAMES = "value"  # Added to remat.LAYERED for the `custom` case.
+MODELS = ("dense", "dsa_moe")
+PAPER_DEVICES = 8
+
+
+def model_config(model: str, policy: str, seq_len: int, num_layers: int, scan: bool,
+                 unroll: int):
+  c = config_lib.from_file(os.path.join(REPO, "configs", "tiny.py"))
+  c.data.update(seq_len=seq_len, batch_size=max(1, 2048 // seq_len))
+  c.model.update(num_layers=num_layers, max_seq_len=seq_len, scan_layers=scan,
+                 scan_unroll=unroll, remat_policy=policy)
+  if policy == "custom":
+    c.model.remat_names = ",".join(remat.LAYERED + (CUSTOM_NAMES,))
+  if model == "dsa_moe":
+    c.model.attention = "dsa"
+    c.model.moe.update(num_experts=8, top_k=2, gate_hidden=64,
+                       expert_hidden=c.model.ffn_hidden // 2)
+  c.train.update(steps=1000, warmup_steps=10)
+  config_lib.validate(c)
+  return c
+
+
+def lower_step(config, mesh, shard_activations: bool = False) -> jax.stages.Lowered:
+  """The jitted train step lowered on abstract shapes: nothing is allocated.
+
+  shard_activations: apply the logical rules to activation constraints too (the trainer
+  leaves them to XLA; a multi-device mesh needs them to split activations).
+  """
+  model, tx = build_model(config.model), build_optimizer(config.train)
+  abstract = state_lib.abstract_state(model, tx, config.data.seq_len)
+  shardings = sharding.logical_shardings(abstract, mesh)
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                       nn.meta.unbox(abstract), shardings)
+  spec, shape = sharding.batch_sharding(mesh), (config.data.batch_size, config.data.seq_len)
+  batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=spec) for k, dt in
+           (("inputs", jnp.int32), ("targets", jnp.int32), ("weights", jnp.float32))}
+  step = jit_train_step(model, tx, mesh, shardings)
+  if not shard_activations:
+    return step.lower(state, batch)
+  with mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+    return step.lower(state, batch)
+
+
+def flops_of(stage: jax.stages.Lowered | jax.stages.Compiled) -> float:
+  cost = stage.cost_analysis()
+  return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+
+class Case:
+  """One compiled train step on random tokens: its compiled stats and a timer."""
+
+  def __init__(self, config):
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    self.compiled = lower_step(config, mesh).compile()
+    model, tx = build_model(config.model), build_optimizer(config.train)
+    self.state, _ = state_lib.create_train_state(model, tx, 0, config.data.seq_len, mesh)
+    b, t = config.data.batch_size, config.data.seq_len
+    rng = np.random.RandomState(0)
+    self.batch = sharding.put_batch({
+        "inputs": rng.randint(0, 256, (b, t)).astype(np.int32),
+        "targets": rng.randint(0, 256, (b, t)).astype(np.int32),
+        "weights": np.ones((b, t), np.float32)}, mesh)
+
+  def memory(self) -> dict[str, int]:
+    m = self.compiled.memory_analysis()
+    return {"temp_bytes": int(m.temp_size_in_bytes),
+            "host_temp_bytes": int(m.host_temp_size_in_bytes)}
+
+  def step_ms(self, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+      self.state, metrics = self.compiled(self.state, self.batch)
+    jax.block_until_ready((self.state, metrics))
+    return 1e3 * (time.perf_counter() - start) / steps
+
+
+def unscanned_flops(config, compiled: bool) -> float:
+  """FLOPs of the step with every layer written out (compiled, or from the lowered HLO)."""
+  lowered = lower_step(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
+  return flops_of(lowered.compile() if compiled else lowered)
+
+
+def measure_models(args) -> list[dict[str, Any]]:
+  """Compiles every (model, policy); times them interleaved; one record each."""
+  cases, records = {}, []
+  for model in args.models.split(","):
+    for policy in args.policies.split(","):
+      start = time.perf_counter()
+      scanned = Case(model_config(model, policy, args.seq_len, args.layers, True, args.unroll))
+      unscanned = model_config(model, policy, args.seq_len, args.layers, False, 1)
+      record = {"model": model, "policy": policy, "seq_len": args.seq_len,
+                "batch_size": scanned.batch["inputs"].shape[0], "num_layers": args.layers,
+                "scan_unroll": args.unroll, **scanned.memory(),
+                "flops": unscanned_flops(unscanned, compiled=not args.quick),
+                "flops_from": "lowered HLO" if args.quick else "compiled",
+                "flops_scan_body_once": flops_of(scanned.compiled)}
+      if policy == "custom":
+        record["remat_names"] = "layered + " + CUSTOM_NAMES
+      print(f"{model}/{policy}: temp {record['temp_bytes'] / 2**20:.1f} MiB, "
+            f"{record['flops'] / 1e9:.2f} GFLOP ({time.perf_counter() - start:.0f} s)",
+            flush=True)
+      cases[(model, policy)] = scanned
+      records.append(record)
+  samples = {key: [] for key in cases}
+  for case in cases.values():
+    case.step_ms(1)  # Warm up.
+  for _ in range(args.rounds):
+    for key, case in cases.items():
+      samples[key].append(case.step_ms(args.steps))
+  for record in records:
+    times = samples[(record["model"], record["policy"])]
+    record["step_ms"] = statistics.median(times)
+    record["step_ms_samples"] = times
+  add_ratios(records, ("temp_bytes", "flops", "step_ms"), "model")
+  return records
+
+
+def add_ratios(records: list[dict[str, Any]], fields: tuple[str, ...], group: str) -> None:
+  """Adds `<field>_vs_none` to each record, against its group's `none` record."""
+  for record in records:
+    base = next((r for r in records if r[group] == record[group] and r["policy"] == "none"),
+                None)
+    for field in fields:
+      if base is not None and base[field]:
+        record[f"{field}_vs_none"] = record[field] / base[field]
+
+
+# --- paper scale (runs in a subprocess with simulated devices) -------------------------------
+
+def paper_memory(policy: str, num_layers: int, seq_len: int) -> dict[str, Any]:
+  """Per-device bytes of one train step of configs/paper_175b.py on a tensor=8 mesh."""
+  c = config_lib.from_file(os.path.join(REPO, "configs", "paper_175b.py"))
+  full_layers = c.model.num_layers
+  c.model.update(num_layers=num_layers, remat_policy=policy, max_seq_len=seq_len)
+  c.data.update(batch_size=1, seq_len=seq_len)
+  c.mesh.update(data=1, tensor=PAPER_DEVICES)
+  config_lib.validate(c)
+  mesh = sharding.make_mesh(c.mesh)
+
+  compiled = lower_step(c, mesh, shard_activations=True).compile()
+  m = compiled.memory_analysis()
+  full_model = c.model.copy_and_resolve_references()
+  full_model.num_layers = full_layers
+  full_state = state_lib.abstract_state(build_model(full_model), build_optimizer(c.train),
+                                        seq_len)
+  return {"temp_bytes": int(m.temp_size_in_bytes), "full_layers": full_layers,
+          "state_bytes": per_device_bytes(full_state, mesh)}
+
+
+def per_device_bytes(abstract: Any, mesh) -> int:
+  """Bytes one device holds of a tree of boxed abstract arrays under the logical rules."""
+  shardings = sharding.logical_shardings(abstract, mesh)
+  leaves = zip(jax.tree.leaves(nn.meta.unbox(abstract)), jax.tree.leaves(shardings))
+  return sum(int(np.prod(s.shard_shape(a.shape))) * a.dtype.itemsize for a, s in leaves)
+
+
+def paper_records(policies: list[str], seq_len: int) -> list[dict[str, Any]]:
+  """Runs `paper_memory` at 1 and 2 layers per policy in a subprocess; extrapolates."""
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={PAPER_DEVICES}")
+  records = []
+  for policy in policies:
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--paper_part", f"{policy},{seq_len}",
+         "--out", "-"], env=env, check=True, capture_output=True, text=True).stdout
+    got = {int(k): v for k, v in json.loads(out.strip().splitlines()[-1]).items()}
+    per_layer = got[2]["temp_bytes"] - got[1]["temp_bytes"]
+    full = got[1]["full_layers"]
+    temp = got[1]["temp_bytes"] + (full - 1) * per_layer
+    records.append({
+        "model": "paper_175b", "policy": policy, "mesh": f"tensor={PAPER_DEVICES}",
+        "seq_len": seq_len, "sequences_per_replica": 1, "num_layers": full,
+        "temp_bytes_1_layer": got[1]["temp_bytes"], "temp_bytes_2_layers": got[2]["temp_bytes"],
+        "temp_bytes_per_layer": per_layer, "temp_bytes": temp,
+        "state_bytes": got[1]["state_bytes"], "total_bytes": temp + got[1]["state_bytes"]})
+    print(f"paper_175b/{policy}: temp {temp / 2**30:.1f} GiB per device "
+          f"({per_layer / 2**30:.2f} GiB per layer), state "
+          f"{got[1]['state_bytes'] / 2**30:.1f} GiB", flush=True)
+  add_ratios(records, ("temp_bytes", "total_bytes"), "model")
+  return records
+
+
+# --- output ---------------------------------------------------------------------------------
+
+def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
+  summary = {}
+  for r in records:
+    key = f"{r['model']}/{r['policy']}"
+    summary[key] = {k: round(r[k], 3) for k in
+                    ("temp_bytes_vs_none", "flops_vs_none", "step_ms_vs_none") if k in r}
+  return summary
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(7, 4.8))
+  markers = {"dense": "o", "dsa_moe": "s"}
+  for model, marker in markers.items():
+    rows = [r for r in result["records"] if r["model"] == model and "flops_vs_none" in r]
+    if not rows:
+      continue
+    ax.scatter([r["flops_vs_none"] for r in rows], [r["temp_bytes_vs_none"] for r in rows],
+               marker=marker, s=50, label=f"{model} (seq {rows[0]['seq_len']})")
+    for r in rows:
+      ax.annotate(r["policy"], (r["flops_vs_none"], r["temp_bytes_vs_none"]),
+                  textcoords="offset points", xytext=(6, 4), fontsize=8)
+  ax.scatter([1.18], [0.58], marker="*", s=160, color="k", label="article: -42% memory, +18%")
+  ax.set_xlabel("train-step FLOPs / none (cost_analysis, unscanned)")
+  ax.set_ylabel("temp memory / none (memory_analysis, scanned)")
+  ax.set_title(f"Remat policies, one train step ({result['device']})")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str]) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", required=True, help="JSON file ('-' for stdout).")
+  parser.add_argument("--models", default=",".join(MODELS))
+  parser.add_argument("--policies", default=",".join(POLICIES))
+  parser.add_argument("--seq_len", type=int, default=1024)
+  parser.add_argument("--layers", type=int, default=4)
+  parser.add_argument("--unroll", type=int, default=1, help="scan_unroll of the scanned step.")
+  parser.add_argument("--rounds", type=int, default=5, help="Interleaved timing rounds.")
+  parser.add_argument("--steps", type=int, default=3, help="Steps timed per round.")
+  parser.add_argument("--paper_policies", default=None,
+                      help="Policies for the paper-scale memory (default none,full,dots,"
+                      "layered; '' skips it, as --quick does).")
+  parser.add_argument("--paper_seq_len", type=int, default=4096)
+  parser.add_argument("--quick", action="store_true",
+                      help="none and layered at 256 tokens, 2 layers, 1 round, FLOPs from "
+                      "the lowered HLO; no paper scale (< 2 min).")
+  parser.add_argument("--paper_part", help=argparse.SUPPRESS)  # Internal: policy,seq_len.
+  args = parser.parse_args(argv)
+  if args.paper_part:
+    policy, seq_len = args.paper_part.split(",")
+    print(json.dumps({layers: paper_memory(policy, layers, int(seq_len)) for layers in (1, 2)}))
+    return
+  if args.quick:
+    args.seq_len, args.layers, args.rounds, args.steps = 256, 2, 1, 1
+    args.policies = "none,layered"
+  if args.paper_policies is None:
+    args.paper_policies = "" if args.quick else "none,full,dots,layered"
+  records = measure_models(args)
+  if args.paper_policies:
+    records += paper_records(args.paper_policies.split(","), args.paper_seq_len)
+  result = {"command": " ".join(["python", "experiments/remat_memory.py", *argv]),
+            "device": jax.devices()[0].device_kind, "records": records,
+            "summary": summarise(records)}
+  report.write(result, args.out, lambda path: plot(result, path))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
