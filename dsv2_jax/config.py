@@ -92,7 +92,9 @@ def default_config() -> ml_collections.ConfigDict:
   m.remat_policy = "none"  # none | full | dots | layered | offload | custom (model/remat.py).
   m.remat_names = ""  # remat_policy=custom: comma-separated activations to keep, e.g. "query,key".
   m.scan_layers = True  # nn.scan over layers (fast compile; remat shows in memory).
-  m.scan_unroll = 1  # Layers per scan iteration (>= num_layers: no loop); trades compile time.
+  # Layers per scan iteration (>= num_layers: no loop); trades compile time. On CPU a fully
+  # unrolled scan lets XLA hoist the remat recompute: keep 1 when memory matters.
+  m.scan_unroll = 1
   m.dtype = "float32"  # Compute dtype of activations and matmuls.
   m.param_dtype = "float32"  # Storage dtype of parameters and optimizer state.
   m.init_std = 0.02  # Std of the embedding init (projections use fan-in scaling).

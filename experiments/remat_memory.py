@@ -13,16 +13,20 @@ and records, each also as a ratio to `none`:
   flops       `cost_analysis()['flops']` of the same step with unscanned layers, since a
               scan body's FLOPs count once
   step_ms     median milliseconds per step of the scanned step, policies interleaved
+XLA counts a while-loop body once, and the GMoE experts (tiled dispatch) and DSA's global
+attention run in loops: the dsa_moe and paper FLOPs miss those iterations (LOOP_NOTE).
 The `custom` case keeps the layered names plus V: the price of recomputing V.
 
 `paper` adds the per-device memory of configs/paper_175b.py (bf16, 4,096 tokens per
 sequence) on 8 simulated devices as a tensor-parallel mesh (tensor=8, one sequence per
 replica), from abstract shapes: the parameters and optimizer state per device from their
 shardings; temp memory compiled at 1 and 2 layers and extrapolated linearly to 45 (the
-layers are a scan, so temp memory is affine in depth). It runs in a subprocess, which
-simulates the devices.
+layers are a scan, so temp memory is affine in depth); FLOPs likewise, from the lowered
+HLO of the unscanned step (within 3% of the compiled count on the small models; compiling
+it is too heavy here). It runs in a subprocess, which simulates the devices.
 
   python experiments/remat_memory.py --out docs/figures/remat_memory.json
+  python experiments/remat_memory.py --models "" --out docs/figures/remat_memory_paper.json
   python experiments/remat_memory.py --quick --out /tmp/remat_quick.json
 """
 
@@ -44,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import report  # experiments/report.py (the script's own folder is on sys.path)
+import throughput
 from dsv2_jax import config as config_lib
 from dsv2_jax.model import remat
 from dsv2_jax.model.transformer import build_model
@@ -57,6 +62,10 @@ POLICIES = ("none", "full", "dots", "layered", "offload", "custom")
 CUSTOM_NAMES = "value"  # Added to remat.LAYERED for the `custom` case.
 MODELS = ("dense", "dsa_moe")
 PAPER_DEVICES = 8
+LOOP_NOTE = ("flops: XLA's cost_analysis counts a while-loop body once. The dsa_moe and "
+             "paper_175b models run the GMoE expert matmuls (tiled dispatch) and DSA's global "
+             "attention in loops, so their flops miss all but one iteration of each loop; "
+             "step_ms is the measure of their compute.")
 
 
 def model_config(model: str, policy: str, seq_len: int, num_layers: int, scan: bool,
@@ -110,12 +119,7 @@ class Case:
     self.compiled = lower_step(config, mesh).compile()
     model, tx = build_model(config.model), build_optimizer(config.train)
     self.state, _ = state_lib.create_train_state(model, tx, 0, config.data.seq_len, mesh)
-    b, t = config.data.batch_size, config.data.seq_len
-    rng = np.random.RandomState(0)
-    self.batch = sharding.put_batch({
-        "inputs": rng.randint(0, 256, (b, t)).astype(np.int32),
-        "targets": rng.randint(0, 256, (b, t)).astype(np.int32),
-        "weights": np.ones((b, t), np.float32)}, mesh)
+    self.batch = throughput.random_batch(config, mesh)
 
   def memory(self) -> dict[str, int]:
     m = self.compiled.memory_analysis()
@@ -195,11 +199,13 @@ def paper_memory(policy: str, num_layers: int, seq_len: int) -> dict[str, Any]:
 
   compiled = lower_step(c, mesh, shard_activations=True).compile()
   m = compiled.memory_analysis()
+  c.model.scan_layers = False  # FLOPs of every layer; lowering only (compiling is heavy).
+  flops = flops_of(lower_step(c, mesh, shard_activations=True))
   full_model = c.model.copy_and_resolve_references()
   full_model.num_layers = full_layers
   full_state = state_lib.abstract_state(build_model(full_model), build_optimizer(c.train),
                                         seq_len)
-  return {"temp_bytes": int(m.temp_size_in_bytes), "full_layers": full_layers,
+  return {"temp_bytes": int(m.temp_size_in_bytes), "flops": flops, "full_layers": full_layers,
           "state_bytes": per_device_bytes(full_state, mesh)}
 
 
@@ -219,19 +225,21 @@ def paper_records(policies: list[str], seq_len: int) -> list[dict[str, Any]]:
         [sys.executable, os.path.abspath(__file__), "--paper_part", f"{policy},{seq_len}",
          "--out", "-"], env=env, check=True, capture_output=True, text=True).stdout
     got = {int(k): v for k, v in json.loads(out.strip().splitlines()[-1]).items()}
-    per_layer = got[2]["temp_bytes"] - got[1]["temp_bytes"]
     full = got[1]["full_layers"]
-    temp = got[1]["temp_bytes"] + (full - 1) * per_layer
+    at_depth = lambda key: got[1][key] + (full - 1) * (got[2][key] - got[1][key])  # noqa: E731
+    per_layer = got[2]["temp_bytes"] - got[1]["temp_bytes"]
+    temp = at_depth("temp_bytes")
     records.append({
         "model": "paper_175b", "policy": policy, "mesh": f"tensor={PAPER_DEVICES}",
         "seq_len": seq_len, "sequences_per_replica": 1, "num_layers": full,
         "temp_bytes_1_layer": got[1]["temp_bytes"], "temp_bytes_2_layers": got[2]["temp_bytes"],
         "temp_bytes_per_layer": per_layer, "temp_bytes": temp,
-        "state_bytes": got[1]["state_bytes"], "total_bytes": temp + got[1]["state_bytes"]})
+        "state_bytes": got[1]["state_bytes"], "total_bytes": temp + got[1]["state_bytes"],
+        "flops": at_depth("flops"), "flops_from": "lowered HLO, 1 and 2 layers unscanned"})
     print(f"paper_175b/{policy}: temp {temp / 2**30:.1f} GiB per device "
           f"({per_layer / 2**30:.2f} GiB per layer), state "
           f"{got[1]['state_bytes'] / 2**30:.1f} GiB", flush=True)
-  add_ratios(records, ("temp_bytes", "total_bytes"), "model")
+  add_ratios(records, ("temp_bytes", "total_bytes", "flops"), "model")
   return records
 
 
@@ -258,9 +266,14 @@ def plot(result: dict[str, Any], path: str) -> None:
       continue
     ax.scatter([r["flops_vs_none"] for r in rows], [r["temp_bytes_vs_none"] for r in rows],
                marker=marker, s=50, label=f"{model} (seq {rows[0]['seq_len']})")
+    points: dict[tuple[float, float], list[str]] = {}  # Policies that land together.
     for r in rows:
-      ax.annotate(r["policy"], (r["flops_vs_none"], r["temp_bytes_vs_none"]),
-                  textcoords="offset points", xytext=(6, 4), fontsize=8)
+      name = "custom (layered + V)" if r["policy"] == "custom" else r["policy"]
+      points.setdefault((round(r["flops_vs_none"], 2), round(r["temp_bytes_vs_none"], 2)),
+                        []).append(name)
+    for (x, y), names in points.items():
+      ax.annotate(" = ".join(names), (x, y), textcoords="offset points",
+                  xytext=(6, 6 if marker == "o" else -10), fontsize=8)
   ax.scatter([1.18], [0.58], marker="*", s=160, color="k", label="article: -42% memory, +18%")
   ax.set_xlabel("train-step FLOPs / none (cost_analysis, unscanned)")
   ax.set_ylabel("temp memory / none (memory_analysis, scanned)")
@@ -299,11 +312,11 @@ def main(argv: list[str]) -> None:
     args.policies = "none,layered"
   if args.paper_policies is None:
     args.paper_policies = "" if args.quick else "none,full,dots,layered"
-  records = measure_models(args)
+  records = measure_models(args) if args.models else []
   if args.paper_policies:
     records += paper_records(args.paper_policies.split(","), args.paper_seq_len)
   result = {"command": " ".join(["python", "experiments/remat_memory.py", *argv]),
-            "device": jax.devices()[0].device_kind, "records": records,
+            "device": jax.devices()[0].device_kind, "notes": [LOOP_NOTE], "records": records,
             "summary": summarise(records)}
   report.write(result, args.out, lambda path: plot(result, path))
 

@@ -80,6 +80,16 @@ def jax_peak_flops(dtype: str, n: int = 2048, repeats: int = 5) -> float:
   return 2.0 * n ** 3 / seconds
 
 
+def random_batch(config, mesh) -> dict[str, jax.Array]:
+  """One batch of the config's shape: uniform random bytes, every token weighted."""
+  b, t = config.data.batch_size, config.data.seq_len
+  rng = np.random.RandomState(0)
+  return sharding.put_batch({
+      "inputs": rng.randint(0, 256, (b, t)).astype(np.int32),
+      "targets": rng.randint(0, 256, (b, t)).astype(np.int32),
+      "weights": np.ones((b, t), np.float32)}, mesh)
+
+
 class JaxStep:
   """Our jitted train step on random tokens; `run(k)` times k back-to-back steps."""
 
@@ -89,12 +99,7 @@ class JaxStep:
     model, tx = build_model(config.model), build_optimizer(config.train)
     self.state, shardings = create_train_state(model, tx, 0, config.data.seq_len, mesh)
     self.step = jit_train_step(model, tx, mesh, shardings)
-    b, t = config.data.batch_size, config.data.seq_len
-    rng = np.random.RandomState(0)
-    self.batch = sharding.put_batch({
-        "inputs": rng.randint(0, 256, (b, t)).astype(np.int32),
-        "targets": rng.randint(0, 256, (b, t)).astype(np.int32),
-        "weights": np.ones((b, t), np.float32)}, mesh)
+    self.batch = random_batch(config, mesh)
     self.run(2)  # Compile and warm up.
 
   def run(self, steps: int) -> float:

@@ -35,10 +35,14 @@ def grads(cfg, tokens_seed=0):
   return jax.jit(jax.grad(loss))(params)
 
 
-@pytest.mark.parametrize("model_kw", [dict(), DSA_MOE], ids=["dense", "dsa_moe"])
-def test_every_policy_gives_the_gradients_of_no_remat(model_kw):
+@pytest.mark.parametrize("model_kw,policies", [
+    (dict(), POLICY_CASES),
+    (DSA_MOE, [("full", ""), ("layered", "")]),  # The other policies: the slow case below.
+    pytest.param(DSA_MOE, POLICY_CASES, marks=pytest.mark.slow),
+], ids=["dense", "dsa_moe", "dsa_moe_every_policy"])
+def test_every_policy_gives_the_gradients_of_no_remat(model_kw, policies):
   reference = grads(small_model_config(**model_kw))
-  for name, names in POLICY_CASES:
+  for name, names in policies:
     got = grads(small_model_config(**model_kw, remat_policy=name, remat_names=names))
     # Recomputation reorders float sums: agree to 1e-4 of each tensor's scale.
     jax.tree.map(lambda a, b: np.testing.assert_allclose(
