@@ -123,6 +123,8 @@ def default_config() -> ml_collections.ConfigDict:
   t.eps = 1e-8
   t.weight_decay = 0.1  # Decoupled; applied to matrices only, not norms or biases.
   t.grad_clip_norm = 1.0  # Global-norm clipping threshold; 0 disables.
+  # Microbatches per optimizer step (article: 8); data.batch_size is the whole step's rows.
+  t.grad_accum_steps = 1
   t.log_every = 50  # Steps between metric lines (host syncs only then).
   t.eval_every = 1000  # Steps between held-out evaluations; 0 = only at the end.
   t.checkpoint_every = 1000  # Steps between checkpoints; the last step is always saved.
@@ -313,6 +315,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(0.0 <= t.b1 < 1.0 and 0.0 <= t.b2 < 1.0, "train.b1 and train.b2 must be in [0, 1).")
   for field in ("eval_every", "checkpoint_every"):
     _check(t[field] >= 0, f"train.{field}={t[field]} must be >= 0 (0 disables).")
+  _check(t.grad_accum_steps >= 1 and d.batch_size % t.grad_accum_steps == 0,
+         f"train.grad_accum_steps={t.grad_accum_steps} must be >= 1 and divide "
+         f"data.batch_size={d.batch_size} (the rows of one optimizer step).")
   _check(t.max_checkpoints >= 1, f"train.max_checkpoints={t.max_checkpoints} must be >= 1.")
   _check(config.eval.max_batches >= 0, "eval.max_batches must be >= 0 (0 = whole split).")
   for axis, size in config.mesh.items():

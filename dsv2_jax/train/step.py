@@ -37,27 +37,51 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array
 
 
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
-               tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
+               tx: optax.GradientTransformation, accum_steps: int = 1
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the mean token loss of `batch` (inputs/targets/weights).
 
   An MoE model adds its weighted auxiliary losses to the objective; `loss` in the
   metrics stays the token cross-entropy, so dense and MoE runs compare directly.
+
+  accum_steps > 1 splits the batch rows into that many microbatches and sums their
+  gradients in a `lax.scan` before the one update (`train.grad_accum_steps`). Each
+  microbatch's token loss is divided by the whole batch's token count, so the update
+  equals the full batch's up to float summation order. The MoE auxiliary losses and
+  load statistics are averaged over microbatches: the balancing loss, a product of
+  batch means, then differs from the full batch's.
   """
   rng, dropout_rng = jax.random.split(state.rng)
-
   moe = model.cfg.moe
+  count = jnp.sum(batch["weights"])
 
-  def loss_fn(params):
-    logits, variables = model.apply({"params": params}, batch["inputs"], deterministic=False,
-                                    rngs={"dropout": dropout_rng}, mutable=["intermediates"])
-    nll_sum, count = cross_entropy(logits, batch["targets"], batch["weights"])
-    loss = nll_sum / jnp.maximum(count, 1.0)
-    intermediates = variables.get("intermediates", {})
-    aux, moe_metrics = moe_stats.aux_loss_and_metrics(intermediates, moe)
-    return loss + aux, (loss, count, moe_metrics, intermediates)
+  def grads_of(micro: Batch, micro_rng: jax.Array):
+    def loss_fn(params):
+      logits, variables = model.apply({"params": params}, micro["inputs"], deterministic=False,
+                                      rngs={"dropout": micro_rng}, mutable=["intermediates"])
+      nll_sum, _ = cross_entropy(logits, micro["targets"], micro["weights"])
+      intermediates = variables.get("intermediates", {})
+      aux, moe_metrics = moe_stats.aux_loss_and_metrics(intermediates, moe)
+      loss = nll_sum / jnp.maximum(count, 1.0)
+      return loss + aux / accum_steps, (loss, moe_metrics, intermediates)
+    (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return grads, out
 
-  (_, (loss, count, moe_metrics, intermediates)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
+  if accum_steps == 1:
+    grads, (loss, moe_metrics, intermediates) = grads_of(batch, dropout_rng)
+  else:
+    micro = jax.tree.map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
+
+    def accumulate(total, xs):
+      grads, out = grads_of(*xs)
+      return jax.tree.map(jnp.add, total, grads), out
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, (losses, moe_metrics, intermediates) = jax.lax.scan(
+        accumulate, zeros, (micro, jax.random.split(dropout_rng, accum_steps)))
+    loss = jnp.sum(losses)
+    moe_metrics, intermediates = jax.tree.map(lambda x: jnp.mean(x, axis=0),
+                                              (moe_metrics, intermediates))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   if moe.num_experts:
@@ -69,9 +93,9 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
 
 
 def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
-                   state_shardings: Any):
+                   state_shardings: Any, accum_steps: int = 1):
   """`train_step` compiled with explicit shardings; the input state is donated."""
-  return jax.jit(functools.partial(train_step, model=model, tx=tx),
+  return jax.jit(functools.partial(train_step, model=model, tx=tx, accum_steps=accum_steps),
                  in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
                  donate_argnums=0)

@@ -158,7 +158,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     data_iter.set_state(data_state)
 
   # 4) Compile the steps once, with explicit shardings; the old state is donated.
-  step_fn = jit_train_step(run.model, run.tx, run.mesh, state_shardings)
+  step_fn = jit_train_step(run.model, run.tx, run.mesh, state_shardings,
+                           train_cfg.grad_accum_steps)
   eval_fn = evaluate_lib.make_eval_fn(run.model, run.tokenizer, run.mesh,
                                       state_shardings.params)
   schedule = learning_rate_schedule(train_cfg)
