@@ -70,7 +70,10 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
   if accum_steps == 1:
     grads, (loss, moe_metrics, intermediates) = grads_of(batch, dropout_rng)
   else:
-    micro = jax.tree.map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
+    # Microbatch i takes rows i, i + n, ...: each device keeps its own rows of every
+    # microbatch (the batch axis is split into contiguous blocks), so nothing moves.
+    micro = jax.tree.map(
+        lambda x: x.reshape(-1, accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
 
     def accumulate(total, xs):
       grads, out = grads_of(*xs)
