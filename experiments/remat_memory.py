@@ -259,7 +259,7 @@ def plot(result: dict[str, Any], path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(7, 4.8))
-  markers = {"dense": "o", "dsa_moe": "s"}
+  markers = {"dense": "o", "dsa_moe": "s", "paper_175b": "^"}  # Paper: FLOPs when counted.
   for model, marker in markers.items():
     rows = [r for r in result["records"] if r["model"] == model and "flops_vs_none" in r]
     if not rows:
