@@ -6,7 +6,8 @@
   weights = probs of the chosen (optionally renormalised to sum to 1)
   y = sum_k weights_k * expert_{e_k}(x) + shared_experts(x)
 
-Only the chosen experts run (`moe_dispatch`); the article's all-experts loop is the
+Only the chosen experts run (`moe_dispatch`; split over devices by
+`dsv2_jax.parallel.expert_parallel`); the article's all-experts loop is the
 oracle (`moe_reference`). Each call sows, under the 'intermediates' collection, the
 auxiliary losses (Switch/GShard load balancing, router z-loss) and load statistics
 that the train step adds to the loss and logs. Expert weights carry the 'expert'
@@ -21,9 +22,9 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 import ml_collections
 
-from dsv2_jax.model import moe_dispatch
 from dsv2_jax.model.ffn import ACTIVATIONS, FeedForward, is_gated
 from dsv2_jax.model.layers import Einsum, dtype_of
+from dsv2_jax.parallel import expert_parallel
 
 BALANCE_BIAS = "balance_bias"  # Router parameter name, updated by the train step.
 ASSIGNMENT_FRACTION = "assignment_fraction"  # Its sown statistic (fraction per expert).
@@ -105,11 +106,11 @@ class MoEFeedForward(nn.Module):
                       param_dtype)
     w_out = self.param("w_out", nn.with_logical_partitioning(
         init(1), ("expert", "expert_mlp", "embed")), (e, f, d), param_dtype)
-    limit = moe_dispatch.capacity(expert_idx.size, e, moe.capacity_factor)
-    y, plan = moe_dispatch.grouped_ffn(
+    # Expert-parallel (all-to-all) when the mesh splits the experts, else one device's.
+    y, plan = expert_parallel.grouped_ffn(
         x, expert_idx, weights, w_in, w_out, act=ACTIVATIONS[cfg.activation], gated=gated,
         dtype=dtype, path=moe.dispatch, tile=moe.tile_rows, max_tile=moe.max_tile_rows,
-        capacity_limit=limit)
+        capacity_factor=moe.capacity_factor)
     y = checkpoint_name(y, "moe_out")
     if moe.num_shared_experts:
       shared_cfg = ml_collections.FrozenConfigDict({

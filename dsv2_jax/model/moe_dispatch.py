@@ -123,17 +123,22 @@ def plan_dispatch(expert_idx: jax.Array, num_experts: int, tile: int,
   With tile > 1 each group is padded to a multiple of `tile` rows and covered by tiles
   of the sizes `tile_sizes(tile, max_tile)` (max_tile 0: tile only); with tile = 1 the
   groups are packed with no gaps (ragged_dot path).
+
+  An entry equal to `num_experts` marks an empty slot (expert parallelism's receive
+  buffer): it is never executed, nor counted as kept or dropped.
   """
   x, k = expert_idx.shape
   pairs = x * k
   flat = expert_idx.reshape(pairs)
   order = jnp.argsort(flat, stable=True)  # Pair ids, grouped by expert, token order kept.
   sorted_expert = flat[order]
-  counts = jnp.bincount(flat, length=num_experts)
+  valid = sorted_expert < num_experts  # Empty slots sort last.
+  sorted_expert = jnp.minimum(sorted_expert, num_experts - 1)
+  counts = jnp.bincount(flat, length=num_experts)  # Drops the empty-slot marker.
   starts = jnp.cumsum(counts) - counts
   rank = jnp.arange(pairs) - starts[sorted_expert]  # Position within its expert's group.
   kept_counts = counts if capacity_limit is None else jnp.minimum(counts, capacity_limit)
-  keep = rank < kept_counts[sorted_expert]
+  keep = valid & (rank < kept_counts[sorted_expert])
   padded = (kept_counts + tile - 1) // tile * tile
   padded_starts = jnp.cumsum(padded) - padded
   rows = buffer_rows(pairs, num_experts, tile, capacity_limit)
@@ -146,7 +151,8 @@ def plan_dispatch(expert_idx: jax.Array, num_experts: int, tile: int,
   return DispatchPlan(row_pair=row_pair, dest=dest.reshape(x, k), tiles=tiles,
                       executed_rows=jnp.sum(padded).astype(jnp.int32),
                       group_sizes=kept_counts.astype(jnp.int32),
-                      dropped=(pairs - jnp.sum(kept_counts)).astype(jnp.int32), tile=tile)
+                      dropped=(jnp.sum(counts) - jnp.sum(kept_counts)).astype(jnp.int32),
+                      tile=tile)
 
 
 def tile_classes(padded: jax.Array, padded_starts: jax.Array, rows: int,

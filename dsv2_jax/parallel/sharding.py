@@ -7,8 +7,10 @@ axes `data`, `fsdp`, `tensor`, `expert`, `stage`. A config swaps layouts by sizi
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -21,9 +23,10 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert", "stage")
 # (logical name, mesh axis or axes or None). First match wins; a mesh axis of size 1
 # shards nothing, so one table serves every layout.
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
-    # Activations. 'tokens' is the flattened [B * T] axis, batch-major.
-    ("tokens", ("data", "fsdp")),
-    ("batch", ("data", "fsdp")),
+    # Activations. 'tokens' is the flattened [B * T] axis, batch-major. Outside the MoE
+    # layers the `expert` axis is one more data-parallel axis.
+    ("tokens", ("data", "fsdp", "expert")),
+    ("batch", ("data", "fsdp", "expert")),
     ("length", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
@@ -46,8 +49,41 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+# Named layouts for `--mesh PRESET` (-1 fills the remaining devices).
+PRESETS: dict[str, dict[str, int]] = {
+    "dp": dict(data=-1),  # Pure data parallel: parameters replicated.
+    "fsdp": dict(fsdp=-1),  # ZeRO-3: parameters, gradients and optimizer state sharded.
+    "tp": dict(tensor=-1),  # Megatron tensor parallel only.
+    "dp_tp2": dict(data=-1, tensor=2),
+    "fsdp_tp4": dict(fsdp=-1, tensor=4),
+    "dp_ep4": dict(data=-1, expert=4),
+    "pp4_dp": dict(data=-1, stage=4),
+    "pp2_tp2_dp": dict(data=-1, tensor=2, stage=2),
+}
+
+
 class MeshError(ValueError):
   """The configured mesh does not fit the available devices."""
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """A preset name or `axis=size,...` (e.g. `data=2,tensor=4`) -> axis sizes.
+
+  Axes left out have size 1, so the result replaces the whole `config.mesh`.
+  """
+  text = text.strip()
+  if text in PRESETS:
+    sizes = dict(PRESETS[text])
+  else:
+    sizes = {}
+    for item in filter(None, text.split(",")):
+      axis, sep, size = item.partition("=")
+      axis = axis.strip()
+      if not sep or axis not in MESH_AXES or not size.strip().lstrip("-").isdigit():
+        raise MeshError(f"--mesh {text!r}: {item!r} is not AXIS=SIZE with AXIS in "
+                        f"{list(MESH_AXES)}; or use a preset: {sorted(PRESETS)}.")
+      sizes[axis] = int(size)
+  return {axis: sizes.get(axis, 1) for axis in MESH_AXES}
 
 
 def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
@@ -84,11 +120,54 @@ def make_mesh(mesh_config: ml_collections.ConfigDict,
               axis_types=(jax.sharding.AxisType.Auto,) * 5)
 
 
+def _fit(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+  """Drops, per dimension, the trailing mesh axes whose sizes do not divide it.
+
+  E.g. 2 kv heads on tensor=4 stay replicated rather than fail; the rule table can
+  then be shared by every model size.
+  """
+  dims = []
+  for size, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    kept = []
+    for axis in axes:
+      if size % (math.prod(mesh.shape[a] for a in kept) * mesh.shape[axis]) == 0:
+        kept.append(axis)
+    dims.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+  return PartitionSpec(*dims)
+
+
 def logical_shardings(abstract_tree: Any, mesh: Mesh,
                       rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> Any:
-  """NamedShardings for a tree whose leaves may be boxed with logical axis names."""
+  """NamedShardings for a tree whose leaves may be boxed with logical axis names.
+
+  Mesh axes that do not divide a dimension are dropped for that dimension (`_fit`).
+  """
   specs = nn.get_partition_spec(abstract_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  mesh_specs = nn.logical_to_mesh(specs, rules)
+  shapes = nn.meta.unbox(abstract_tree)
+  return jax.tree.map(lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)),
+                      mesh_specs, shapes, is_leaf=lambda v: isinstance(v, PartitionSpec))
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh) -> Iterator[None]:
+  """Within it, the model's `nn.with_logical_constraint`s shard activations on `mesh`.
+
+  Outside it they are no-ops (a single device, or tracing without a mesh).
+  """
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), \
+      nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    yield
+
+
+def with_activation_rules(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
+  """`fn` traced under `activation_rules(mesh)`: wrap a step before `jax.jit`."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with activation_rules(mesh):
+      return fn(*args, **kwargs)
+  return wrapped
 
 
 def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES

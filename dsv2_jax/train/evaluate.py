@@ -29,7 +29,7 @@ def make_eval_fn(model: nn.Module, tokenizer: Tokenizer, mesh: Mesh, param_shard
   """A jitted eval step bound to the model, with parameters in their shardings."""
   step = functools.partial(eval_step, model=model,
                            token_num_bytes=jnp.asarray(tokenizer.token_num_bytes))
-  return jax.jit(step, in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
+  return jax.jit(sharding.with_activation_rules(step, mesh), in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh))
 
 

@@ -36,22 +36,23 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array
   return jnp.sum(nll * weights), jnp.sum(weights)
 
 
-def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
-               tx: optax.GradientTransformation, accum_steps: int = 1
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on the mean token loss of `batch` (inputs/targets/weights).
+def batch_grads(params: Any, batch: Batch, rng: jax.Array, *, model: nn.Module,
+                accum_steps: int = 1) -> tuple[Any, jax.Array, dict[str, jax.Array], Any]:
+  """Gradients of the mean token loss of `batch` (inputs/targets/weights).
 
-  An MoE model adds its weighted auxiliary losses to the objective; `loss` in the
-  metrics stays the token cross-entropy, so dense and MoE runs compare directly.
+  An MoE model adds its weighted auxiliary losses to the objective; the returned loss
+  stays the token cross-entropy, so dense and MoE runs compare directly.
 
   accum_steps > 1 splits the batch rows into that many microbatches and sums their
-  gradients in a `lax.scan` before the one update (`train.grad_accum_steps`). Each
-  microbatch's token loss is divided by the whole batch's token count, so the update
-  equals the full batch's up to float summation order. The MoE auxiliary losses and
-  load statistics are averaged over microbatches: the balancing loss, a product of
-  batch means, then differs from the full batch's.
+  gradients in a `lax.scan` (`train.grad_accum_steps`). Each microbatch's token loss
+  is divided by the whole batch's token count, so the sum equals the full batch's
+  gradient up to float summation order. The MoE auxiliary losses and load statistics
+  are averaged over microbatches: the balancing loss, a product of batch means, then
+  differs from the full batch's.
+
+  Returns:
+    (grads, loss, moe_metrics, intermediates).
   """
-  rng, dropout_rng = jax.random.split(state.rng)
   moe = model.cfg.moe
   count = jnp.sum(batch["weights"])
 
@@ -64,41 +65,56 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
       aux, moe_metrics = moe_stats.aux_loss_and_metrics(intermediates, moe)
       loss = nll_sum / jnp.maximum(count, 1.0)
       return loss + aux / accum_steps, (loss, moe_metrics, intermediates)
-    (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return grads, out
 
   if accum_steps == 1:
-    grads, (loss, moe_metrics, intermediates) = grads_of(batch, dropout_rng)
-  else:
-    # Microbatch i takes rows i, i + n, ...: each device keeps its own rows of every
-    # microbatch (the batch axis is split into contiguous blocks), so nothing moves.
-    micro = jax.tree.map(
-        lambda x: x.reshape(-1, accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
+    grads, (loss, moe_metrics, intermediates) = grads_of(batch, rng)
+    return grads, loss, moe_metrics, intermediates
+  # Microbatch i takes rows i, i + n, ...: each device keeps its own rows of every
+  # microbatch (the batch axis is split into contiguous blocks), so nothing moves.
+  micro = jax.tree.map(
+      lambda x: x.reshape(-1, accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
 
-    def accumulate(total, xs):
-      grads, out = grads_of(*xs)
-      return jax.tree.map(jnp.add, total, grads), out
+  def accumulate(total, xs):
+    grads, out = grads_of(*xs)
+    return jax.tree.map(jnp.add, total, grads), out
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    grads, (losses, moe_metrics, intermediates) = jax.lax.scan(
-        accumulate, zeros, (micro, jax.random.split(dropout_rng, accum_steps)))
-    loss = jnp.sum(losses)
-    moe_metrics, intermediates = jax.tree.map(lambda x: jnp.mean(x, axis=0),
-                                              (moe_metrics, intermediates))
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  grads, (losses, moe_metrics, intermediates) = jax.lax.scan(
+      accumulate, zeros, (micro, jax.random.split(rng, accum_steps)))
+  moe_metrics, intermediates = jax.tree.map(lambda x: jnp.mean(x, axis=0),
+                                            (moe_metrics, intermediates))
+  return grads, jnp.sum(losses), moe_metrics, intermediates
+
+
+def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
+               tx: optax.GradientTransformation, accum_steps: int = 1
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on the mean token loss of `batch` (see `batch_grads`)."""
+  rng, dropout_rng = jax.random.split(state.rng)
+  grads, loss, moe_metrics, intermediates = batch_grads(
+      state.params, batch, dropout_rng, model=model, accum_steps=accum_steps)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  if moe.num_experts:
-    params = moe_stats.update_balance_bias(params, intermediates, moe.balance_bias_rate)
+  if model.cfg.moe.num_experts:
+    params = moe_stats.update_balance_bias(params, intermediates,
+                                           model.cfg.moe.balance_bias_rate)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
-  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": count,
-             **moe_metrics}
+  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+             "tokens": jnp.sum(batch["weights"]), **moe_metrics}
   return new_state, metrics
 
 
 def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
                    state_shardings: Any, accum_steps: int = 1):
-  """`train_step` compiled with explicit shardings; the input state is donated."""
-  return jax.jit(functools.partial(train_step, model=model, tx=tx, accum_steps=accum_steps),
+  """`train_step` compiled with explicit shardings; the input state is donated.
+
+  The step is traced under the activation rules, so the model's activation constraints
+  shard on `mesh` too (`sharding.activation_rules`).
+  """
+  step = functools.partial(train_step, model=model, tx=tx, accum_steps=accum_steps)
+  return jax.jit(sharding.with_activation_rules(step, mesh),
                  in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
                  donate_argnums=0)

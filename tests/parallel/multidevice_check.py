@@ -1,64 +1,165 @@
-"""Run in a fresh process with 8 simulated CPU devices (see test_sharding.py).
+"""Run in a fresh process with 8 simulated CPU devices (see test_layouts.py).
 
-Trains 3 steps of a tiny model on the same batches under several meshes and prints,
-as JSON, the losses per mesh and the per-device shard shapes of a few parameters.
+  python tests/parallel/multidevice_check.py CASES_JSON
+
+CASES_JSON is a list of [layout, model] pairs (names from LAYOUTS and MODELS). For each
+model, the unsharded single-device run is the oracle: its gradients at init and its
+losses over 3 training steps. Each case prints, as one JSON object, the largest relative
+loss difference, the largest relative gradient difference (per parameter: max |g - g_ref|
+over max |g_ref|), and the per-device shard shapes of a few parameters.
+
+With `--checkpoint`, a state trained 1 step under `fsdp8` is saved and restored under
+other layouts and on one device, and the restored parameters are compared.
 """
 
 import json
 import os
 import sys
+import tempfile
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
+import flax  # noqa: E402
 import jax  # noqa: E402
+
+jax.config.update("jax_disable_most_optimizations", True)  # Tiny models: compile fast.
+import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dsv2_jax import config as config_lib  # noqa: E402
 from dsv2_jax.model.transformer import build_model  # noqa: E402
 from dsv2_jax.parallel import sharding  # noqa: E402
+from dsv2_jax.train.checkpoint import Checkpointer  # noqa: E402
 from dsv2_jax.train.optimizer import build_optimizer  # noqa: E402
-from dsv2_jax.train.state import create_train_state  # noqa: E402
-from dsv2_jax.train.step import jit_train_step  # noqa: E402
+from dsv2_jax.train.state import abstract_state, create_train_state  # noqa: E402
+from dsv2_jax.train.step import batch_grads, jit_train_step  # noqa: E402
 
-MESHES = {
+LAYOUTS = {
     "single": dict(data=1),
     "dp8": dict(data=8),
-    "fsdp8": dict(data=1, fsdp=8),
+    "fsdp8": dict(fsdp=8),
     "dp2_fsdp2_tp2": dict(data=2, fsdp=2, tensor=2),
+    "dp2_tp4": dict(data=2, tensor=4),
+    "dp2_ep4": dict(data=2, expert=4),
+    "pp4_dp2": dict(data=2, stage=4),
+    "pp2_tp2_dp2": dict(data=2, tensor=2, stage=2),
 }
+MODELS = {
+    "dense": {},
+    "dsa": dict(attention="dsa", dsa=dict(window=8, block=8, budget="fixed", budget_value=4)),
+    "moe": dict(moe=dict(num_experts=8, top_k=2, gate_hidden=16, expert_hidden=32)),
+}
+ROWS, LENGTH, STEPS = 8, 32, 3
+
+
+def make_config(model: str, layout: str) -> ml_collections.ConfigDict:
+  c = config_lib.default_config()
+  c.model.update(d_model=32, num_layers=3, num_heads=4, ffn_hidden=64, max_seq_len=LENGTH)
+  c.model.update(MODELS[model])
+  c.data.update(seq_len=LENGTH, batch_size=ROWS)
+  c.train.update(steps=10, warmup_steps=1, learning_rate=1e-2)
+  c.mesh = ml_collections.ConfigDict(sharding.parse_mesh(
+      ",".join(f"{k}={v}" for k, v in LAYOUTS[layout].items())))
+  config_lib.validate(c)
+  return c
+
+
+def batches() -> list[dict[str, np.ndarray]]:
+  rng = np.random.RandomState(0)
+  # Real text would do as well; random tokens make every expert and head busy.
+  return [{"inputs": rng.randint(0, 256, (ROWS, LENGTH)).astype(np.int32),
+           "targets": rng.randint(0, 256, (ROWS, LENGTH)).astype(np.int32),
+           "weights": (rng.rand(ROWS, LENGTH) > 0.1).astype(np.float32)}
+          for _ in range(STEPS)]
+
+
+def mesh_of(config: ml_collections.ConfigDict, layout: str) -> jax.sharding.Mesh:
+  devices = jax.devices()[:1] if layout == "single" else jax.devices()
+  return sharding.make_mesh(config.mesh, devices)
+
+
+def run(model_name: str, layout: str) -> dict:
+  """Gradients at init and losses over STEPS steps of one model under one layout."""
+  config = make_config(model_name, layout)
+  mesh = mesh_of(config, layout)
+  model, tx = build_model(config.model), build_optimizer(config.train)
+  state, shardings = create_train_state(model, tx, 0, LENGTH, mesh)
+  data = batches()
+  grad_fn = jax.jit(
+      sharding.with_activation_rules(lambda p, b: batch_grads(p, b, state.rng, model=model)[0],
+                                     mesh),
+      in_shardings=(shardings.params, sharding.batch_sharding(mesh)),
+      out_shardings=shardings.params)
+  grads = jax.device_get(grad_fn(state.params, sharding.put_batch(data[0], mesh)))
+  step = jit_train_step(model, tx, mesh, shardings)
+  losses = []
+  for batch in data:
+    state, metrics = step(state, sharding.put_batch(batch, mesh))
+    losses.append(float(metrics["loss"]))
+  flat = flax.traverse_util.flatten_dict(state.params, sep="/")
+  shards = {k: list(v.sharding.shard_shape(v.shape)) for k, v in flat.items()
+            if k.endswith(("query/w", "ffn/up/w", "moe/w_in", "embedder/embedding"))}
+  return {"losses": losses, "grads": grads, "shards": shards}
+
+
+def compare(case: dict, ref: dict) -> dict:
+  loss_rel = max(abs(a - b) / abs(b) for a, b in zip(case["losses"], ref["losses"]))
+  grad_rel = {}
+  ref_flat = flax.traverse_util.flatten_dict(ref["grads"], sep="/")
+  for key, g in flax.traverse_util.flatten_dict(case["grads"], sep="/").items():
+    r = np.asarray(ref_flat[key])
+    grad_rel[key] = float(np.max(np.abs(np.asarray(g) - r)) / max(np.max(np.abs(r)), 1e-30))
+  worst = max(grad_rel, key=grad_rel.get)
+  return {"loss_rel": loss_rel, "grad_rel": grad_rel[worst], "worst_grad": worst,
+          "losses": case["losses"], "ref_losses": ref["losses"], "shards": case["shards"]}
+
+
+def check_layouts(cases: list[list[str]]) -> dict:
+  out, refs = {}, {}
+  for layout, model_name in cases:
+    if model_name not in refs:
+      refs[model_name] = run(model_name, "single")
+    out[f"{layout}/{model_name}"] = compare(run(model_name, layout), refs[model_name])
+  return out
+
+
+def check_checkpoint(model_name: str, layouts: list[str]) -> dict:
+  """Trains 1 step under fsdp8, saves, restores under each layout; max |param diff|."""
+  config = make_config(model_name, "fsdp8")
+  mesh = mesh_of(config, "fsdp8")
+  model, tx = build_model(config.model), build_optimizer(config.train)
+  state, shardings = create_train_state(model, tx, 0, LENGTH, mesh)
+  state, _ = jit_train_step(model, tx, mesh, shardings)(
+      state, sharding.put_batch(batches()[0], mesh))
+  saved = jax.device_get(state)
+  out = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    writer = Checkpointer(tmp, 1, use_async=False)
+    writer.save(1, state, {"position": 7})
+    writer.close()
+    for layout in layouts:
+      target_mesh = mesh_of(make_config(model_name, layout), layout)
+      boxed = abstract_state(model, tx, LENGTH)
+      target = sharding.logical_shardings(boxed, target_mesh)
+      restored, data_state = Checkpointer(tmp, 1, use_async=False).restore(
+          1, target, flax.linen.meta.unbox(boxed))
+      diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))),
+                           jax.device_get(restored), saved)
+      leaf = restored.params["embedder"]["embedding"]
+      out[layout] = {"max_abs_diff": max(jax.tree.leaves(diffs)),
+                     "data_state": data_state,
+                     "devices": len(leaf.sharding.device_set),
+                     "embedding_shard": list(leaf.sharding.shard_shape(leaf.shape))}
+  return out
 
 
 def main():
-  c = config_lib.default_config()
-  c.model.update(d_model=32, num_layers=2, num_heads=4, ffn_hidden=64, max_seq_len=64)
-  c.train.update(steps=10, warmup_steps=1, learning_rate=1e-2)
-  model, tx = build_model(c.model), build_optimizer(c.train)
-  rng = np.random.RandomState(0)
-  batches = [{"inputs": rng.randint(0, 256, (8, 16)).astype(np.int32),
-              "targets": rng.randint(0, 256, (8, 16)).astype(np.int32),
-              "weights": np.ones((8, 16), np.float32)} for _ in range(3)]
-  out = {"devices": jax.device_count(), "losses": {}, "shards": {}}
-  for name, axes in MESHES.items():
-    cfg = config_lib.default_config().mesh
-    cfg.update({k: 1 for k in cfg.keys()})
-    cfg.update(axes)
-    devices = jax.devices()[:1] if name == "single" else jax.devices()
-    mesh = sharding.make_mesh(cfg, devices)
-    state, shardings = create_train_state(model, tx, 0, 16, mesh)
-    step = jit_train_step(model, tx, mesh, shardings)
-    losses = []
-    for batch in batches:
-      state, metrics = step(state, sharding.put_batch(batch, mesh))
-      losses.append(float(metrics["loss"]))
-    out["losses"][name] = losses
-    shard = lambda x: list(x.sharding.shard_shape(x.shape))  # noqa: E731
-    params = state.params["layers"]
-    out["shards"][name] = {
-        "query": shard(params["attention"]["query"]["w"]),  # [L, D, N, H] = [2, 32, 4, 8]
-        "up": shard(params["ffn"]["up"]["w"]),  # [L, D, F] = [2, 32, 64]
-        "mu_up": shard(state.opt_state[1][0].mu["layers"]["ffn"]["up"]["w"]),
-    }
-  json.dump(out, sys.stdout)
+  if sys.argv[1] == "--checkpoint":
+    result = check_checkpoint(sys.argv[2], json.loads(sys.argv[3]))
+  else:
+    result = check_layouts(json.loads(sys.argv[1]))
+  result["devices"] = jax.device_count()
+  json.dump(result, sys.stdout)
 
 
 if __name__ == "__main__":

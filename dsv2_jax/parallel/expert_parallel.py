@@ -1,0 +1,140 @@
+"""Expert parallelism: experts split over a mesh axis, tokens exchanged with all-to-all.
+
+The MoE layer calls `grouped_ffn` with logical shapes only. When the logical `expert`
+axis maps to a mesh axis of size ep > 1 (under `sharding.activation_rules`), each device
+holds E / ep experts and, inside `shard_map`:
+
+  1. routes its own tokens: each (token, choice) pair goes to the shard owning its expert,
+     into a fixed send buffer [ep, C, D] (slot r of shard s; C = X_local k, so no pair is
+     ever dropped: the exchange is exact, dropless, like the single-device layer);
+  2. `all_to_all` over the expert axis: every shard receives the rows for its experts;
+  3. runs its local experts with the same grouped FFN as one device (`moe_dispatch`);
+     empty slots are marked and never executed;
+  4. `all_to_all` back, then each token sums its k outputs with the routing weights.
+
+Otherwise (one device, or no expert axis) it is `moe_dispatch.grouped_ffn` unchanged:
+that single-device layer is the oracle the tests compare against. Expert weights enter
+`shard_map` split over experts only (an FSDP or tensor split of them is gathered first).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from dsv2_jax.model import moe_dispatch
+
+
+class DispatchStats(NamedTuple):
+  """What the MoE layer logs about one dispatch (global over all devices).
+
+  Attributes:
+    group_sizes: int [E] kept pairs per expert.
+    dropped: int [] pairs dropped by the capacity limit.
+    executed_rows: int [] rows the expert FFNs ran on (kept pairs + tile padding).
+  """
+
+  group_sizes: jax.Array
+  dropped: jax.Array
+  executed_rows: jax.Array
+
+
+def _mesh_axes(logical: str) -> tuple[str, ...]:
+  """Mesh axes (size > 1) that the active rules map `logical` to; () without rules."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not nn.get_logical_axis_rules():
+    return ()
+  axes = nn.logical_to_mesh_axes((logical,))[0]
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  return tuple(a for a in axes if mesh.shape[a] > 1)
+
+
+def grouped_ffn(x: jax.Array, expert_idx: jax.Array, weights: jax.Array, w_in: jax.Array,
+                w_out: jax.Array, *, capacity_factor: float = 0.0, **ffn_kwargs
+                ) -> tuple[jax.Array, DispatchStats]:
+  """Routed experts on tokens, expert-parallel when the mesh splits experts.
+
+  Args:
+    x: [X, D] tokens; expert_idx, weights: [X, k].
+    w_in: [E, D, 2, F] (gated) or [E, D, F]; w_out: [E, F, D].
+    capacity_factor: > 0 limits each expert to capacity_factor x (pairs / E) rows, counted
+      over the pairs one expert-parallel group exchanges (all pairs on one device).
+    ffn_kwargs: act, gated, dtype, path, tile, max_tile (see `moe_dispatch.grouped_ffn`).
+
+  Returns:
+    ([X, D] outputs, stats).
+  """
+  num_experts = w_out.shape[0]
+  expert_axes = _mesh_axes("expert")
+  if not expert_axes:
+    limit = moe_dispatch.capacity(expert_idx.size, num_experts, capacity_factor)
+    y, plan = moe_dispatch.grouped_ffn(x, expert_idx, weights, w_in, w_out,
+                                       capacity_limit=limit, **ffn_kwargs)
+    return y, DispatchStats(plan.group_sizes, plan.dropped, plan.executed_rows)
+  if len(expert_axes) != 1:
+    raise ValueError(f"experts may be split over one mesh axis, got {expert_axes}.")
+  axis = expert_axes[0]
+  token_axes = _mesh_axes("tokens")
+  if axis not in token_axes:
+    raise ValueError(f"expert parallelism needs tokens split over {axis!r} too: add it to "
+                     "the 'tokens' rule in sharding.LOGICAL_AXIS_RULES.")
+  mesh = jax.sharding.get_abstract_mesh()
+  ep = mesh.shape[axis]
+  if num_experts % ep:
+    raise ValueError(f"{num_experts} experts do not split over {ep} shards of {axis!r}: "
+                     "make model.moe.num_experts a multiple of mesh.expert.")
+  tokens = P(token_axes)
+  expert_spec = P(axis)
+
+  def local(x, expert_idx, weights, w_in, w_out):
+    y, sizes, dropped, executed = _exchange_and_run(
+        x, expert_idx, weights, w_in, w_out, axis=axis, ep=ep,
+        capacity_factor=capacity_factor, ffn_kwargs=ffn_kwargs)
+    # Per-expert kept rows live on the expert's shard; totals sum over token shards.
+    sizes = jax.lax.psum(jax.lax.all_gather(sizes, axis, tiled=True),
+                         tuple(a for a in token_axes if a != axis))
+    dropped, executed = jax.lax.psum((dropped, executed), token_axes)
+    return y, sizes, dropped, executed
+
+  y, sizes, dropped, executed = jax.shard_map(
+      local, mesh=mesh,
+      in_specs=(tokens, tokens, tokens, expert_spec, expert_spec),
+      out_specs=(tokens, P(), P(), P()), check_vma=False,
+  )(x, expert_idx, weights, w_in, w_out)
+  return y, DispatchStats(sizes, dropped, executed)
+
+
+def _exchange_and_run(x, expert_idx, weights, w_in, w_out, *, axis, ep, capacity_factor,
+                      ffn_kwargs):
+  """One device's part: send pairs to their experts' shards, run local experts, return."""
+  x_local, k = expert_idx.shape
+  e_local = w_out.shape[0]
+  pairs = x_local * k
+  slots = pairs  # C: one shard may receive every pair of this device.
+  shard = (expert_idx // e_local).reshape(pairs)  # [P] destination shard of each pair.
+  # Slot of each pair in the send buffer: shard-major, token order within a shard.
+  order = jnp.argsort(shard, stable=True)
+  counts = jnp.bincount(shard, length=ep)
+  rank = jnp.arange(pairs) - (jnp.cumsum(counts) - counts)[shard[order]]
+  slot = jnp.zeros((pairs,), jnp.int32).at[order].set(
+      (shard[order] * slots + rank).astype(jnp.int32))  # [P]
+  slot_pair = jnp.full((ep * slots,), pairs, jnp.int32).at[slot].set(
+      jnp.arange(pairs, dtype=jnp.int32))  # [ep C] pair in each slot (P: empty).
+  send = moe_dispatch.take_rows(x, slot_pair // k, slot.reshape(x_local, k))  # [ep C, D]
+  local_expert = jnp.append(expert_idx.reshape(pairs) % e_local, e_local)[slot_pair]
+
+  exchange = lambda a: jax.lax.all_to_all(  # noqa: E731  [ep, C, ...] by shard, both ways.
+      a.reshape(ep, slots, *a.shape[1:]), axis, 0, 0).reshape(a.shape)
+  rows, row_expert = exchange(send), exchange(local_expert)  # From every source shard.
+  limit = moe_dispatch.capacity(ep * pairs, e_local * ep, capacity_factor)
+  ones = jnp.ones((ep * slots, 1), weights.dtype)
+  out, plan = moe_dispatch.grouped_ffn(rows, row_expert[:, None], ones, w_in, w_out,
+                                       capacity_limit=limit, **ffn_kwargs)
+  back = exchange(out)  # [ep C, D] in this device's send layout.
+  picked = moe_dispatch.take_rows(back, slot, slot_pair[:, None]).reshape(x_local, k, -1)
+  y = jnp.einsum("XKD,XK->XD", picked, weights.astype(picked.dtype))
+  return y, plan.group_sizes, plan.dropped, plan.executed_rows
