@@ -1,12 +1,17 @@
 """Command line: `python -m dsv2_jax {train,eval,generate,info} [flags]`.
 
   train     --config FILE[:args] --workdir DIR [--config.a.b=v ...] [--stop_after N]
+            [--mesh PRESET | --mesh AXIS=SIZE,...]
   eval      --workdir DIR [--eval_dataset NAME] [--eval_split SPLIT]
   generate  --workdir DIR --prompt TEXT [--max_new_tokens N --temperature T --top_k K]
   info      --config FILE | --workdir DIR [--json]
+  plan      --config FILE --mesh MESH [--devices N] [--device_memory_gib G] [--json]
 
 Bad input (config, data, checkpoint, flags) ends with one clear line on stderr and
 exit status 2; nothing in the workdir is deleted.
+
+Multi-host (TPU pods, GPU clusters): run the same command on every host with
+`--distributed` (see `dsv2_jax.parallel.distributed`).
 """
 
 from __future__ import annotations
@@ -16,12 +21,13 @@ import logging
 import pathlib
 import sys
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
 from dsv2_jax import config as config_lib
 
-COMMANDS = ("train", "eval", "generate", "info")
+COMMANDS = ("train", "eval", "generate", "info", "plan")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/*.py), optionally with ':args'.", lock_config=True)
@@ -36,6 +42,21 @@ _SEED = flags.DEFINE_integer("seed", 0, "generate: sampling seed.")
 _EVAL_DATASET = flags.DEFINE_string("eval_dataset", None, "eval: another dataset to score.")
 _EVAL_SPLIT = flags.DEFINE_string("eval_split", None, "eval: split to score.")
 _JSON = flags.DEFINE_bool("json", False, "info/eval: print JSON only.")
+_MESH = flags.DEFINE_string(
+    "mesh", None, "train: replaces config.mesh; a preset (dp, fsdp, tp, dp_tp2, fsdp_tp4, "
+    "dp_ep4, pp4_dp, pp2_tp2_dp) or AXIS=SIZE,... over data/fsdp/tensor/expert/stage.")
+_DEVICES = flags.DEFINE_integer("devices", None,
+                                "plan: total devices (fills a -1 mesh axis; default: none).")
+_DEVICE_MEMORY = flags.DEFINE_float("device_memory_gib", 0.0,
+                                    "plan: memory per device, to say whether it fits.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Join a multi-process run (jax.distributed.initialize) first.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "--distributed: HOST:PORT of process 0 (default: detected).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "--distributed: process count (default: detected).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "--distributed: this process's id (default: detected).")
 
 
 class UsageError(ValueError):
@@ -53,7 +74,12 @@ def _train() -> None:
   if _CONFIG.value is None:
     raise UsageError("train needs --config (e.g. --config configs/tiny.py).")
   workdir = _need_workdir()
+  if _MESH.value:
+    from dsv2_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
+    _CONFIG.value.mesh.update(sharding.parse_mesh(_MESH.value))
   result = trainer.train_and_evaluate(_CONFIG.value, workdir, stop_after=_STOP_AFTER.value)
+  if jax.process_index() != 0:
+    return  # Process 0 reports for all.
   if result is None:
     print(f"stopped after step {_STOP_AFTER.value}; run the same command to resume.")
     return
@@ -115,6 +141,23 @@ def _info() -> None:
   print(json.dumps(report, indent=2) if _JSON.value else info.format_info(report))
 
 
+def _plan() -> None:
+  import math  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from dsv2_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
+  if _CONFIG.value is None or not _MESH.value:
+    raise UsageError("plan needs --config FILE and --mesh (e.g. --mesh fsdp=64,tensor=8).")
+  parsed = sharding.parse_mesh(_MESH.value)
+  fixed = math.prod(v for v in parsed.values() if v != -1)
+  sizes = sharding.mesh_shape(ml_collections.ConfigDict(parsed), _DEVICES.value or fixed)
+  # The stand-in mesh is compiled on simulated CPU devices, set before any device exists.
+  jax.config.update("jax_platforms", "cpu")
+  from dsv2_jax import plan  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_num_cpu_devices", plan.stand_in_devices(sizes))
+  report = plan.plan(_CONFIG.value, sizes, _DEVICE_MEMORY.value)
+  print(json.dumps(report, indent=2) if _JSON.value else plan.format_plan(report))
+
+
 def _errors() -> tuple[type[BaseException], ...]:
   """Exceptions that mean bad input: reported in one line, exit status 2."""
   from dsv2_jax.data.corpora import MissingCorpusError  # pylint: disable=g-import-not-at-top
@@ -130,8 +173,12 @@ def main(argv: list[str]) -> None:
   if len(commands) != 1 or commands[0] not in COMMANDS:
     raise app.UsageError(f"give exactly one command out of {COMMANDS}; got {commands}.")
   logging.getLogger("absl").setLevel(logging.ERROR)
-  handler = {"train": _train, "eval": _eval, "generate": _generate, "info": _info}[commands[0]]
+  handler = {"train": _train, "eval": _eval, "generate": _generate, "info": _info,
+             "plan": _plan}[commands[0]]
   try:
+    if _DISTRIBUTED.value:
+      from dsv2_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
+      distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     handler()
   except _errors() as e:
     print(f"error: {e}", file=sys.stderr)

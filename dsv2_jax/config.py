@@ -95,6 +95,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Layers per scan iteration (>= num_layers: no loop); trades compile time. On CPU a fully
   # unrolled scan lets XLA hoist the remat recompute: keep 1 when memory matters.
   m.scan_unroll = 1
+  # Microbatches of the pipeline schedule when mesh.stage > 1 (bubble (S-1)/(M+S-1));
+  # 0 picks the largest divisor of the per-step batch up to 4 x stages.
+  m.pipeline_microbatches = 0
   m.dtype = "float32"  # Compute dtype of activations and matmuls.
   m.param_dtype = "float32"  # Storage dtype of parameters and optimizer state.
   m.init_std = 0.02  # Std of the embedding init (projections use fan-in scaling).

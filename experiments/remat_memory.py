@@ -50,6 +50,7 @@ import numpy as np
 import report  # experiments/report.py (the script's own folder is on sys.path)
 import throughput
 from dsv2_jax import config as config_lib
+from dsv2_jax import plan
 from dsv2_jax.model import remat
 from dsv2_jax.model.transformer import build_model
 from dsv2_jax.parallel import sharding
@@ -85,25 +86,9 @@ def model_config(model: str, policy: str, seq_len: int, num_layers: int, scan: b
   return c
 
 
-def lower_step(config, mesh, shard_activations: bool = False) -> jax.stages.Lowered:
-  """The jitted train step lowered on abstract shapes: nothing is allocated.
-
-  shard_activations: apply the logical rules to activation constraints too (the trainer
-  leaves them to XLA; a multi-device mesh needs them to split activations).
-  """
-  model, tx = build_model(config.model), build_optimizer(config.train)
-  abstract = state_lib.abstract_state(model, tx, config.data.seq_len)
-  shardings = sharding.logical_shardings(abstract, mesh)
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                       nn.meta.unbox(abstract), shardings)
-  spec, shape = sharding.batch_sharding(mesh), (config.data.batch_size, config.data.seq_len)
-  batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=spec) for k, dt in
-           (("inputs", jnp.int32), ("targets", jnp.int32), ("weights", jnp.float32))}
-  step = jit_train_step(model, tx, mesh, shardings)
-  if not shard_activations:
-    return step.lower(state, batch)
-  with mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-    return step.lower(state, batch)
+def lower_step(config, mesh) -> jax.stages.Lowered:
+  """The train step lowered on abstract shapes (activation rules on): nothing allocated."""
+  return plan.lower_train_step(config, mesh)
 
 
 def flops_of(stage: jax.stages.Lowered | jax.stages.Compiled) -> float:
@@ -197,10 +182,10 @@ def paper_memory(policy: str, num_layers: int, seq_len: int) -> dict[str, Any]:
   config_lib.validate(c)
   mesh = sharding.make_mesh(c.mesh)
 
-  compiled = lower_step(c, mesh, shard_activations=True).compile()
+  compiled = lower_step(c, mesh).compile()
   m = compiled.memory_analysis()
   c.model.scan_layers = False  # FLOPs of every layer; lowering only (compiling is heavy).
-  flops = flops_of(lower_step(c, mesh, shard_activations=True))
+  flops = flops_of(lower_step(c, mesh))
   full_model = c.model.copy_and_resolve_references()
   full_model.num_layers = full_layers
   full_state = state_lib.abstract_state(build_model(full_model), build_optimizer(c.train),

@@ -7,12 +7,16 @@ temperature 0. The whole loop is one jitted program.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from dsv2_jax.parallel import sharding
 
 
 def init_cache(model: nn.Module, batch: int, length: int) -> Any:
@@ -37,10 +41,21 @@ def sample_token(logits: jax.Array, rng: jax.Array, temperature: float, top_k: i
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature",
-                                              "top_k"))
+                                              "top_k", "mesh"))
 def generate(model: nn.Module, params: Any, prompt: jax.Array, rng: jax.Array, *,
-             max_new_tokens: int, temperature: float = 0.8, top_k: int = 40) -> jax.Array:
-  """Continues `prompt` (int32 [B, P]) by `max_new_tokens` tokens -> int32 [B, new]."""
+             max_new_tokens: int, temperature: float = 0.8, top_k: int = 40,
+             mesh: Mesh | None = None) -> jax.Array:
+  """Continues `prompt` (int32 [B, P]) by `max_new_tokens` tokens -> int32 [B, new].
+
+  With a `mesh`, the model runs under its activation rules: tensor-parallel heads and
+  FFN, and, when the mesh has stages, the pipelined stack (`parallel.pipeline`).
+  """
+  rules = contextlib.nullcontext() if mesh is None else sharding.activation_rules(mesh)
+  with rules:
+    return _generate(model, params, prompt, rng, max_new_tokens, temperature, top_k)
+
+
+def _generate(model, params, prompt, rng, max_new_tokens, temperature, top_k):
   b, p = prompt.shape
   cache = init_cache(model, b, p + max_new_tokens)
   logits, variables = model.apply({"params": params, "cache": cache}, prompt, decode=True,

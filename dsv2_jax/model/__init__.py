@@ -13,7 +13,8 @@ dots that cost ~20% of a step with [B, T, D] activations (docs/results.md); on
 accelerators it is neutral.
 
 Logical axis names (mapped to mesh axes only in `dsv2_jax.parallel.sharding`):
-  parameters   vocab, embed, heads, kv_heads, kv, mlp, expert, layers, norm
+  parameters   vocab, embed, heads, kv_heads, kv, mlp, expert, expert_mlp, gate_mlp,
+               layers, norm
   activations  tokens (X), batch, length, act_embed, act_heads, act_kv_heads, act_kv,
                act_mlp, act_vocab
 """

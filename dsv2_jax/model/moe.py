@@ -28,18 +28,25 @@ from dsv2_jax.parallel import expert_parallel
 
 BALANCE_BIAS = "balance_bias"  # Router parameter name, updated by the train step.
 ASSIGNMENT_FRACTION = "assignment_fraction"  # Its sown statistic (fraction per expert).
+PROB_MEAN = "router_prob_mean"  # Sown mean router probability per expert.
+
+
+def balance_loss_from_means(fraction: jax.Array, prob_mean: jax.Array) -> jax.Array:
+  """Switch/GShard auxiliary loss E * sum_e f_e P_e: 1 when routing is uniform.
+
+  Args:
+    fraction: [..., E] f_e, fraction of the X k assignments that go to e (no gradient).
+    prob_mean: [..., E] P_e, mean router probability of e (carries the gradient).
+  Both are token means, so microbatches combine them exactly by averaging.
+  """
+  num_experts = fraction.shape[-1]
+  return num_experts * jnp.sum(jax.lax.stop_gradient(fraction) * prob_mean, axis=-1)
 
 
 def load_balancing_loss(probs: jax.Array, expert_idx: jax.Array, num_experts: int) -> jax.Array:
-  """Switch/GShard auxiliary loss E * sum_e f_e P_e: 1 when routing is uniform.
-
-  f_e: fraction of the X k assignments that go to e (not differentiable);
-  P_e: mean router probability of e (carries the gradient).
-  """
+  """`balance_loss_from_means` of router probs [X, E] and choices expert_idx [X, k]."""
   counts = jnp.bincount(expert_idx.reshape(-1), length=num_experts)
-  f = counts / expert_idx.size
-  p = jnp.mean(probs, axis=0)
-  return num_experts * jnp.sum(jax.lax.stop_gradient(f) * p)
+  return balance_loss_from_means(counts / expert_idx.size, jnp.mean(probs, axis=0))
 
 
 def router_z_loss(logits: jax.Array) -> jax.Array:
@@ -76,8 +83,11 @@ class Router(nn.Module):
           nn.initializers.zeros, ("expert",)), (e,), jnp.float32)
       select = probs + jax.lax.stop_gradient(bias)
     _, expert_idx = jax.lax.top_k(jax.lax.stop_gradient(select), moe.top_k)
+    # f and P of the balancing loss E sum f P (`balance_loss_from_means`), sown as means
+    # so that microbatches (pipeline, accumulation) combine them exactly.
     self.sow("intermediates", ASSIGNMENT_FRACTION,
              jnp.bincount(expert_idx.reshape(-1), length=e) / expert_idx.size)
+    self.sow("intermediates", PROB_MEAN, jnp.mean(probs, axis=0))
     weights = jnp.take_along_axis(probs, expert_idx, axis=-1)
     if moe.renormalize:
       weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
@@ -118,7 +128,6 @@ class MoEFeedForward(nn.Module):
       y = y + FeedForward(shared_cfg, name="shared_experts")(x)
 
     load = plan.group_sizes / expert_idx.size  # Fraction of kept assignments per expert.
-    self.sow("intermediates", "aux_loss", load_balancing_loss(probs, expert_idx, e))
     self.sow("intermediates", "z_loss", router_z_loss(logits))
     self.sow("intermediates", "expert_load", load)
     self.sow("intermediates", "dropped_fraction", plan.dropped / expert_idx.size)

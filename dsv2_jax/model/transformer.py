@@ -20,6 +20,7 @@ from dsv2_jax.model.attention import Attention
 from dsv2_jax.model.ffn import FeedForward
 from dsv2_jax.model.moe import MoEFeedForward
 from dsv2_jax.model.layers import Einsum, Embedder, Norm, dtype_of
+from dsv2_jax.parallel import pipeline
 
 
 class DecoderBlock(nn.Module):
@@ -115,11 +116,14 @@ class Transformer(nn.Module):
       x = x + jnp.take(table, positions.reshape(b * t), axis=0).astype(dtype)
     x = nn.with_logical_constraint(x, ("tokens", "act_embed"))
 
+    stages = pipeline.num_stages()
     for name, unit, repeats in layer_plan(cfg):
       if cfg.remat_policy != "none":
         unit = nn.remat(unit, policy=remat.policy(cfg.remat_policy, cfg.remat_names),
                         prevent_cse=not cfg.scan_layers)
-      if cfg.scan_layers:
+      if stages > 1 and cfg.scan_layers and not self.is_initializing():
+        x = self._pipelined(name, unit, repeats, x, positions, deterministic, decode, stages)
+      elif cfg.scan_layers:
         stack = nn.scan(
             unit,
             variable_axes={"params": 0, "cache": 0, "intermediates": 0},
@@ -142,6 +146,37 @@ class Transformer(nn.Module):
                       param_dtype, name="head")("XD,DV->XV", x)
     logits = nn.with_logical_constraint(logits, ("tokens", "act_vocab"))
     return logits.reshape(b, t, cfg.vocab_size)  # [B, T, V]
+
+
+  def _pipelined(self, name: str, unit: type, repeats: int, x: jax.Array,
+                 positions: jax.Array, deterministic: bool, decode: bool, stages: int
+                 ) -> jax.Array:
+    """The scanned stack `name` run as pipeline stages (`parallel.pipeline`).
+
+    Uses the same [L, ...] parameters (and decode cache) the scan created, so every
+    layout shares one checkpoint format; sown statistics are stacked per layer as the
+    scan stacks them.
+    """
+    key = None if deterministic else self.make_rng("dropout")
+
+    def layer_fn(p, h, pos, key_id, cache):
+      rngs = {} if key is None else {"dropout": jax.random.fold_in(key, key_id)}
+      variables = {"params": p} if cache is None else {"params": p, "cache": cache}
+      (h, _), sown = unit(self.cfg, deterministic, decode, parent=None).apply(
+          variables, h, pos, rngs=rngs, mutable=["intermediates", "cache"])
+      return h, sown.get("intermediates", {}), sown.get("cache")
+
+    cache = self.variables["cache"][name] if decode else None
+    microbatches = pipeline.default_microbatches(stages, positions.shape[0],
+                                                 self.cfg.pipeline_microbatches)
+    x, stats, cache = pipeline.run_stack(
+        layer_fn, self.variables["params"][name], x, positions, num_layers=repeats,
+        microbatches=microbatches, layer_state=cache)
+    if stats and self.is_mutable_collection("intermediates"):
+      self.put_variable("intermediates", name, stats)
+    if decode:
+      self.put_variable("cache", name, cache)
+    return x
 
 
 def build_model(model_config: ml_collections.ConfigDict) -> Transformer:

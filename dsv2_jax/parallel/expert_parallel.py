@@ -21,12 +21,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from dsv2_jax.model import moe_dispatch
+from dsv2_jax.parallel import sharding
 
 
 class DispatchStats(NamedTuple):
@@ -41,16 +41,6 @@ class DispatchStats(NamedTuple):
   group_sizes: jax.Array
   dropped: jax.Array
   executed_rows: jax.Array
-
-
-def _mesh_axes(logical: str) -> tuple[str, ...]:
-  """Mesh axes (size > 1) that the active rules map `logical` to; () without rules."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not nn.get_logical_axis_rules():
-    return ()
-  axes = nn.logical_to_mesh_axes((logical,))[0]
-  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-  return tuple(a for a in axes if mesh.shape[a] > 1)
 
 
 def grouped_ffn(x: jax.Array, expert_idx: jax.Array, weights: jax.Array, w_in: jax.Array,
@@ -69,7 +59,7 @@ def grouped_ffn(x: jax.Array, expert_idx: jax.Array, weights: jax.Array, w_in: j
     ([X, D] outputs, stats).
   """
   num_experts = w_out.shape[0]
-  expert_axes = _mesh_axes("expert")
+  expert_axes = sharding.active_mesh_axes("expert")
   if not expert_axes:
     limit = moe_dispatch.capacity(expert_idx.size, num_experts, capacity_factor)
     y, plan = moe_dispatch.grouped_ffn(x, expert_idx, weights, w_in, w_out,
@@ -78,7 +68,7 @@ def grouped_ffn(x: jax.Array, expert_idx: jax.Array, weights: jax.Array, w_in: j
   if len(expert_axes) != 1:
     raise ValueError(f"experts may be split over one mesh axis, got {expert_axes}.")
   axis = expert_axes[0]
-  token_axes = _mesh_axes("tokens")
+  token_axes = sharding.active_mesh_axes("tokens")
   if axis not in token_axes:
     raise ValueError(f"expert parallelism needs tokens split over {axis!r} too: add it to "
                      "the 'tokens' rule in sharding.LOGICAL_AXIS_RULES.")

@@ -43,9 +43,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("expert", "expert"),
     ("expert_mlp", "tensor"),
-    ("gate_mlp", None),
+    ("gate_mlp", "tensor"),  # The gate MLP: column- then row-parallel, like the FFN.
     ("layers", "stage"),
-    ("norm", None),
+    ("norm", "fsdp"),  # ZeRO-3 shards every parameter, norm scales too.
 )
 
 
@@ -107,6 +107,31 @@ def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> dict
   return sizes
 
 
+def check_layout(config: ml_collections.ConfigDict, sizes: dict[str, int]) -> None:
+  """Raises MeshError, naming the fields to change, if `config` cannot run on `sizes`."""
+  ways = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+  rows = config.data.batch_size // config.train.grad_accum_steps
+  if rows % ways:
+    raise MeshError(
+        f"{rows} rows per microbatch (data.batch_size / train.grad_accum_steps) do not split "
+        f"over mesh data x fsdp x expert = {ways} devices: change data.batch_size or the mesh.")
+  if config.eval.batch_size % ways:
+    raise MeshError(f"eval.batch_size={config.eval.batch_size} does not split over mesh "
+                    f"data x fsdp x expert = {ways} devices: change eval.batch_size.")
+  experts = config.model.moe.num_experts
+  if experts and experts % sizes["expert"]:
+    raise MeshError(f"model.moe.num_experts={experts} does not split over mesh.expert="
+                    f"{sizes['expert']}: pick a mesh.expert that divides it.")
+  if sizes["stage"] > 1:
+    if not config.model.scan_layers:
+      raise MeshError("mesh.stage > 1 pipelines the scanned layer stack: set "
+                      "model.scan_layers=True.")
+    micro = config.model.pipeline_microbatches
+    if micro and rows % micro:
+      raise MeshError(f"model.pipeline_microbatches={micro} does not divide the {rows} rows "
+                      "per microbatch (data.batch_size / train.grad_accum_steps).")
+
+
 def make_mesh(mesh_config: ml_collections.ConfigDict,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A mesh with all five named axes (size-1 axes are free) and Auto axis types."""
@@ -159,6 +184,16 @@ def activation_rules(mesh: Mesh) -> Iterator[None]:
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), \
       nn.logical_axis_rules(LOGICAL_AXIS_RULES):
     yield
+
+
+def active_mesh_axes(logical: str) -> tuple[str, ...]:
+  """Mesh axes of size > 1 that `logical` maps to under `activation_rules`, else ()."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not nn.get_logical_axis_rules():
+    return ()
+  axes = nn.logical_to_mesh_axes((logical,))[0]
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  return tuple(a for a in axes if mesh.shape[a] > 1)
 
 
 def with_activation_rules(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dsv2_jax.model.moe import ASSIGNMENT_FRACTION, BALANCE_BIAS
+from dsv2_jax.model.moe import (ASSIGNMENT_FRACTION, BALANCE_BIAS, PROB_MEAN,
+                                 balance_loss_from_means)
 
 
 def _collect(intermediates: Any, name: str) -> list[jax.Array]:
@@ -30,7 +31,11 @@ def aux_loss_and_metrics(intermediates: Any, moe: ml_collections.ConfigDict
   """
   if not moe.num_experts:
     return jnp.zeros((), jnp.float32), {}
-  aux = jnp.concatenate([v.reshape(-1) for v in _collect(intermediates, "aux_loss")])
+  fraction = jnp.concatenate([v.reshape(-1, moe.num_experts)
+                              for v in _collect(intermediates, ASSIGNMENT_FRACTION)])
+  prob_mean = jnp.concatenate([v.reshape(-1, moe.num_experts)
+                               for v in _collect(intermediates, PROB_MEAN)])
+  aux = balance_loss_from_means(fraction, prob_mean)  # [L]
   z = jnp.concatenate([v.reshape(-1) for v in _collect(intermediates, "z_loss")])
   load = jnp.concatenate([v.reshape(-1, moe.num_experts)
                           for v in _collect(intermediates, "expert_load")])  # [L, E]

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from dsv2_jax.parallel import sharding
+from dsv2_jax.parallel import microbatch, sharding
 from dsv2_jax.train import moe_stats
 from dsv2_jax.train.state import TrainState
 
@@ -46,9 +46,9 @@ def batch_grads(params: Any, batch: Batch, rng: jax.Array, *, model: nn.Module,
   accum_steps > 1 splits the batch rows into that many microbatches and sums their
   gradients in a `lax.scan` (`train.grad_accum_steps`). Each microbatch's token loss
   is divided by the whole batch's token count, so the sum equals the full batch's
-  gradient up to float summation order. The MoE auxiliary losses and load statistics
-  are averaged over microbatches: the balancing loss, a product of batch means, then
-  differs from the full batch's.
+  gradient up to float summation order. Each microbatch's MoE auxiliary losses are
+  computed from its own routing: the balancing loss, a product of batch means, then
+  differs from the full batch's. Sown statistics combine as `microbatch.reduce_stats`.
 
   Returns:
     (grads, loss, moe_metrics, intermediates).
@@ -71,10 +71,8 @@ def batch_grads(params: Any, batch: Batch, rng: jax.Array, *, model: nn.Module,
   if accum_steps == 1:
     grads, (loss, moe_metrics, intermediates) = grads_of(batch, rng)
     return grads, loss, moe_metrics, intermediates
-  # Microbatch i takes rows i, i + n, ...: each device keeps its own rows of every
-  # microbatch (the batch axis is split into contiguous blocks), so nothing moves.
-  micro = jax.tree.map(
-      lambda x: x.reshape(-1, accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
+  # Strided microbatches: each device keeps its own rows of every one (nothing moves).
+  micro = jax.tree.map(lambda x: microbatch.split(x, accum_steps), batch)
 
   def accumulate(total, xs):
     grads, out = grads_of(*xs)
@@ -83,8 +81,7 @@ def batch_grads(params: Any, batch: Batch, rng: jax.Array, *, model: nn.Module,
   zeros = jax.tree.map(jnp.zeros_like, params)
   grads, (losses, moe_metrics, intermediates) = jax.lax.scan(
       accumulate, zeros, (micro, jax.random.split(rng, accum_steps)))
-  moe_metrics, intermediates = jax.tree.map(lambda x: jnp.mean(x, axis=0),
-                                            (moe_metrics, intermediates))
+  moe_metrics, intermediates = microbatch.reduce_stats((moe_metrics, intermediates))
   return grads, jnp.sum(losses), moe_metrics, intermediates
 
 

@@ -83,6 +83,7 @@ class Run:
           f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
           f"vocabulary ({self.tokenizer.vocab_size}): raise model.vocab_size.")
     self.mesh = sharding.make_mesh(config.mesh)
+    sharding.check_layout(config, dict(self.mesh.shape))
     self.model = build_model(config.model)
     self.tx = build_optimizer(config.train)
     self.checkpointer = Checkpointer(self.workdir / "checkpoints", config.train.max_checkpoints,
@@ -115,7 +116,8 @@ class Run:
       raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) "
                        f"exceeds model.max_seq_len={limit}.")
     tokens = generate(self.model, params, jnp.asarray(ids[None]), jax.random.PRNGKey(seed),
-                      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
+                      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                      mesh=self.mesh)
     return prompt + self.tokenizer.decode(np.asarray(tokens[0]))
 
 

@@ -51,7 +51,9 @@ VARIANTS = [
                                      balance_bias_rate=0.01, dispatch="ragged_dot")),
     dict(attention="dsa", dsa=dict(window=4, block=4), moe=dict(MOE, top_k=1)),
 ]
-DECODE_VARIANTS = VARIANTS[:4] + VARIANTS[6:9] + VARIANTS[11:13]  # MoE: groups + remat; unscanned ragged_dot
+# MoE: unscanned ragged_dot by default; groups + remat (slow to compile) under -m slow.
+DECODE_VARIANTS = VARIANTS[:4] + VARIANTS[6:9] + VARIANTS[12:13] + [
+    pytest.param(VARIANTS[11], marks=pytest.mark.slow, id="moe_groups_remat_full")]
 
 
 @pytest.mark.parametrize("kw", VARIANTS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")

@@ -8,8 +8,14 @@ losses over 3 training steps. Each case prints, as one JSON object, the largest 
 loss difference, the largest relative gradient difference (per parameter: max |g - g_ref|
 over max |g_ref|), and the per-device shard shapes of a few parameters.
 
-With `--checkpoint`, a state trained 1 step under `fsdp8` is saved and restored under
-other layouts and on one device, and the restored parameters are compared.
+  python tests/parallel/multidevice_check.py --checkpoint MODEL LAYOUTS_JSON
+
+trains 1 step under `fsdp8`, saves, restores under each layout (`single`: one device)
+and prints the largest difference of the restored state from the saved one.
+
+  python tests/parallel/multidevice_check.py --generate MODEL LAYOUTS_JSON
+
+generates greedily from the same prompts under each layout and on one device.
 """
 
 import json
@@ -23,10 +29,12 @@ import flax  # noqa: E402
 import jax  # noqa: E402
 
 jax.config.update("jax_disable_most_optimizations", True)  # Tiny models: compile fast.
+import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dsv2_jax import config as config_lib  # noqa: E402
+from dsv2_jax.infer.generate import generate  # noqa: E402
 from dsv2_jax.model.transformer import build_model  # noqa: E402
 from dsv2_jax.parallel import sharding  # noqa: E402
 from dsv2_jax.train.checkpoint import Checkpointer  # noqa: E402
@@ -43,23 +51,30 @@ LAYOUTS = {
     "dp2_ep4": dict(data=2, expert=4),
     "pp4_dp2": dict(data=2, stage=4),
     "pp2_tp2_dp2": dict(data=2, tensor=2, stage=2),
+    # Gradient accumulation (2 microbatches) on a mesh == the single-device whole batch.
+    "dp2_tp4_accum2": dict(data=2, tensor=4, accum=2),
 }
 MODELS = {
     "dense": {},
+    "dense_l4": dict(num_layers=4),  # Divides over 2 and 4 stages (3 does not).
     "dsa": dict(attention="dsa", dsa=dict(window=8, block=8, budget="fixed", budget_value=4)),
     "moe": dict(moe=dict(num_experts=8, top_k=2, gate_hidden=16, expert_hidden=32)),
 }
 ROWS, LENGTH, STEPS = 8, 32, 3
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
+               "collective-permute")
 
 
 def make_config(model: str, layout: str) -> ml_collections.ConfigDict:
   c = config_lib.default_config()
   c.model.update(d_model=32, num_layers=3, num_heads=4, ffn_hidden=64, max_seq_len=LENGTH)
-  c.model.update(MODELS[model])
+  c.model.update(MODELS[model])  # After the defaults above: may change num_layers.
   c.data.update(seq_len=LENGTH, batch_size=ROWS)
   c.train.update(steps=10, warmup_steps=1, learning_rate=1e-2)
+  sizes = dict(LAYOUTS[layout])
+  c.train.grad_accum_steps = sizes.pop("accum", 1)
   c.mesh = ml_collections.ConfigDict(sharding.parse_mesh(
-      ",".join(f"{k}={v}" for k, v in LAYOUTS[layout].items())))
+      ",".join(f"{k}={v}" for k, v in sizes.items())))
   config_lib.validate(c)
   return c
 
@@ -85,13 +100,17 @@ def run(model_name: str, layout: str) -> dict:
   model, tx = build_model(config.model), build_optimizer(config.train)
   state, shardings = create_train_state(model, tx, 0, LENGTH, mesh)
   data = batches()
+  accum = config.train.grad_accum_steps
   grad_fn = jax.jit(
-      sharding.with_activation_rules(lambda p, b: batch_grads(p, b, state.rng, model=model)[0],
-                                     mesh),
+      sharding.with_activation_rules(
+          lambda p, b: batch_grads(p, b, state.rng, model=model, accum_steps=accum)[0], mesh),
       in_shardings=(shardings.params, sharding.batch_sharding(mesh)),
       out_shardings=shardings.params)
   grads = jax.device_get(grad_fn(state.params, sharding.put_batch(data[0], mesh)))
-  step = jit_train_step(model, tx, mesh, shardings)
+  step = jit_train_step(model, tx, mesh, shardings, accum).lower(
+      state, sharding.put_batch(data[0], mesh)).compile()
+  hlo = step.as_text()
+  collectives = {op: hlo.count(f" {op}(") for op in COLLECTIVES}
   losses = []
   for batch in data:
     state, metrics = step(state, sharding.put_batch(batch, mesh))
@@ -99,7 +118,8 @@ def run(model_name: str, layout: str) -> dict:
   flat = flax.traverse_util.flatten_dict(state.params, sep="/")
   shards = {k: list(v.sharding.shard_shape(v.shape)) for k, v in flat.items()
             if k.endswith(("query/w", "ffn/up/w", "moe/w_in", "embedder/embedding"))}
-  return {"losses": losses, "grads": grads, "shards": shards}
+  return {"losses": losses, "grads": grads, "shards": shards, "collectives": collectives,
+          "metrics": {k: float(v) for k, v in metrics.items()}}
 
 
 def compare(case: dict, ref: dict) -> dict:
@@ -110,8 +130,11 @@ def compare(case: dict, ref: dict) -> dict:
     r = np.asarray(ref_flat[key])
     grad_rel[key] = float(np.max(np.abs(np.asarray(g) - r)) / max(np.max(np.abs(r)), 1e-30))
   worst = max(grad_rel, key=grad_rel.get)
+  metric_rel = {k: abs(v - ref["metrics"][k]) / max(abs(ref["metrics"][k]), 1e-30)
+                for k, v in case["metrics"].items() if k != "moe/executed_rows"}
   return {"loss_rel": loss_rel, "grad_rel": grad_rel[worst], "worst_grad": worst,
-          "losses": case["losses"], "ref_losses": ref["losses"], "shards": case["shards"]}
+          "metric_rel": metric_rel, "losses": case["losses"], "ref_losses": ref["losses"],
+          "shards": case["shards"], "collectives": case["collectives"]}
 
 
 def check_layouts(cases: list[list[str]]) -> dict:
@@ -145,16 +168,40 @@ def check_checkpoint(model_name: str, layouts: list[str]) -> dict:
           1, target, flax.linen.meta.unbox(boxed))
       diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))),
                            jax.device_get(restored), saved)
-      leaf = restored.params["embedder"]["embedding"]
+      leaf = restored.params["layers"]["attention"]["query"]["w"]  # [L, D, N, H]
       out[layout] = {"max_abs_diff": max(jax.tree.leaves(diffs)),
                      "data_state": data_state,
                      "devices": len(leaf.sharding.device_set),
-                     "embedding_shard": list(leaf.sharding.shard_shape(leaf.shape))}
+                     "query_shard": list(leaf.sharding.shard_shape(leaf.shape))}
+  return out
+
+
+def check_generation(model_name: str, layouts: list[str]) -> dict:
+  """Greedy generation under each layout next to one device's: tokens and collectives."""
+  prompts = jnp.asarray(np.random.RandomState(1).randint(0, 256, (ROWS, 8)), jnp.int32)
+  out, ref = {}, None
+  for layout in ["single"] + layouts:
+    config = make_config(model_name, layout)
+    mesh = mesh_of(config, layout)
+    model, tx = build_model(config.model), build_optimizer(config.train)
+    state, _ = create_train_state(model, tx, 0, LENGTH, mesh)  # Same seed: same params.
+    kwargs = dict(max_new_tokens=6, temperature=0.0, top_k=0,
+                  mesh=None if layout == "single" else mesh)
+    rng = jax.random.PRNGKey(0)
+    tokens = np.asarray(generate(model, state.params, prompts, rng, **kwargs)).tolist()
+    if ref is None:
+      ref = tokens
+      continue
+    hlo = generate.lower(model, state.params, prompts, rng, **kwargs).compile().as_text()
+    out[layout] = {"equal": tokens == ref, "tokens": tokens, "ref_tokens": ref,
+                   "collectives": {op: hlo.count(f" {op}(") for op in COLLECTIVES}}
   return out
 
 
 def main():
-  if sys.argv[1] == "--checkpoint":
+  if sys.argv[1] == "--generate":
+    result = check_generation(sys.argv[2], json.loads(sys.argv[3]))
+  elif sys.argv[1] == "--checkpoint":
     result = check_checkpoint(sys.argv[2], json.loads(sys.argv[3]))
   else:
     result = check_layouts(json.loads(sys.argv[1]))

@@ -1,17 +1,13 @@
-"""Mesh construction, logical-axis rules, and sharded training == single device."""
+"""Mesh construction, presets and the logical-axis rules (layouts: test_layouts.py)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
+import jax
 import ml_collections
 import pytest
+from jax.sharding import PartitionSpec
 
 from dsv2_jax.parallel import sharding
-from tests.conftest import REPO
 
 
 def mesh_cfg(**sizes):
@@ -40,21 +36,31 @@ def test_rules_only_name_known_mesh_axes():
     assert all(t is None or t in sharding.MESH_AXES for t in targets)
 
 
-def test_sharded_training_matches_single_device_on_8_cpu_devices():
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, str(REPO / "tests" / "parallel" / "multidevice_check.py")],
-                        capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  out = json.loads(proc.stdout)
-  assert out["devices"] == 8
-  single = out["losses"]["single"]
-  for name, losses in out["losses"].items():
-    for a, b in zip(losses, single):
-      assert abs(a - b) <= 1e-4 * abs(b), (name, losses, single)
-  # Parameters (and their Adam moments) are really sharded by the logical rules.
-  shards = out["shards"]
-  assert shards["single"]["query"] == [2, 32, 4, 8]
-  assert shards["dp8"]["query"] == [2, 32, 4, 8]  # Data parallel: replicated.
-  assert shards["fsdp8"]["query"] == [2, 4, 4, 8]  # embed over fsdp.
-  assert shards["fsdp8"]["mu_up"] == [2, 4, 64]
-  assert shards["dp2_fsdp2_tp2"]["up"] == [2, 16, 32]  # embed over fsdp, mlp over tensor.
+@pytest.mark.parametrize("text,expected", [
+    ("fsdp", dict(fsdp=-1)),
+    ("pp4_dp", dict(data=-1, stage=4)),
+    ("data=2,tensor=4", dict(data=2, tensor=4)),
+    (" expert=4 , data=-1 ", dict(data=-1, expert=4)),
+])
+def test_parse_mesh_accepts_presets_and_axis_sizes(text, expected):
+  assert sharding.parse_mesh(text) == {a: expected.get(a, 1) for a in sharding.MESH_AXES}
+
+
+@pytest.mark.parametrize("text", ["tensr=2", "data=two", "data", "zero9"])
+def test_parse_mesh_explains_bad_input(text):
+  with pytest.raises(sharding.MeshError, match="AXIS=SIZE"):
+    sharding.parse_mesh(text)
+
+
+def test_presets_name_only_mesh_axes():
+  for sizes in sharding.PRESETS.values():
+    assert set(sizes) <= set(sharding.MESH_AXES)
+
+
+def test_axes_that_do_not_divide_a_dimension_are_dropped():
+  mesh = jax.sharding.AbstractMesh((2, 4), ("data", "tensor"))
+  spec = PartitionSpec(("data", "tensor"), "tensor", None)
+  # 6 rows: data (2) divides, data x tensor (8) does not; 3 columns: tensor (4) does not.
+  assert sharding._fit(spec, (6, 3, 5), mesh) == PartitionSpec("data", None, None)
+  assert sharding._fit(spec, (16, 8, 5), mesh) == PartitionSpec(("data", "tensor"), "tensor",
+                                                               None)
