@@ -96,7 +96,7 @@ def default_config() -> ml_collections.ConfigDict:
   # unrolled scan lets XLA hoist the remat recompute: keep 1 when memory matters.
   m.scan_unroll = 1
   # Microbatches of the pipeline schedule when mesh.stage > 1 (bubble (S-1)/(M+S-1));
-  # 0 picks the largest divisor of the per-step batch up to 4 x stages.
+  # 0 picks the largest divisor of each data shard's rows up to 4 x stages.
   m.pipeline_microbatches = 0
   m.dtype = "float32"  # Compute dtype of activations and matmuls.
   m.param_dtype = "float32"  # Storage dtype of parameters and optimizer state.

@@ -100,7 +100,7 @@ def stand_in(config: ml_collections.ConfigDict, sizes: dict[str, int], num_layer
   if sizes["stage"] > 1:  # The full run's microbatch count, if the stand-in's rows allow.
     full = pipeline.default_microbatches(
         sizes["stage"], config.data.batch_size // config.train.grad_accum_steps,
-        config.model.pipeline_microbatches)
+        data_ways(sizes), config.model.pipeline_microbatches)
     micro_rows = c.data.batch_size // c.train.grad_accum_steps
     c.model.pipeline_microbatches = max(m for m in range(1, min(full, micro_rows) + 1)
                                         if micro_rows % m == 0)

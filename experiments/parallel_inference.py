@@ -101,7 +101,8 @@ class Layout:
   def record(self, args) -> dict:
     m = self.compiled.memory_analysis()
     stages = self.sizes["stage"]
-    micro = pipeline.default_microbatches(stages, args.batch) if stages > 1 else 1
+    ways = self.sizes["data"] * self.sizes["fsdp"] * self.sizes["expert"]
+    micro = pipeline.default_microbatches(stages, args.batch, ways) if stages > 1 else 1
     return {
         "layout": self.name, "mesh": self.sizes,
         "memory_bytes_per_device": int(m.argument_size_in_bytes + m.output_size_in_bytes

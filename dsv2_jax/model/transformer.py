@@ -122,7 +122,7 @@ class Transformer(nn.Module):
         unit = nn.remat(unit, policy=remat.policy(cfg.remat_policy, cfg.remat_names),
                         prevent_cse=not cfg.scan_layers)
       if stages > 1 and cfg.scan_layers and not self.is_initializing():
-        x = self._pipelined(name, unit, repeats, x, positions, deterministic, decode, stages)
+        x = self._pipelined(name, unit, repeats, x, positions, deterministic, decode)
       elif cfg.scan_layers:
         stack = nn.scan(
             unit,
@@ -149,8 +149,7 @@ class Transformer(nn.Module):
 
 
   def _pipelined(self, name: str, unit: type, repeats: int, x: jax.Array,
-                 positions: jax.Array, deterministic: bool, decode: bool, stages: int
-                 ) -> jax.Array:
+                 positions: jax.Array, deterministic: bool, decode: bool) -> jax.Array:
     """The scanned stack `name` run as pipeline stages (`parallel.pipeline`).
 
     Uses the same [L, ...] parameters (and decode cache) the scan created, so every
@@ -167,11 +166,9 @@ class Transformer(nn.Module):
       return h, sown.get("intermediates", {}), sown.get("cache")
 
     cache = self.variables["cache"][name] if decode else None
-    microbatches = pipeline.default_microbatches(stages, positions.shape[0],
-                                                 self.cfg.pipeline_microbatches)
     x, stats, cache = pipeline.run_stack(
         layer_fn, self.variables["params"][name], x, positions, num_layers=repeats,
-        microbatches=microbatches, layer_state=cache)
+        microbatches=self.cfg.pipeline_microbatches, layer_state=cache)
     if stats and self.is_mutable_collection("intermediates"):
       self.put_variable("intermediates", name, stats)
     if decode:

@@ -53,11 +53,17 @@ def bubble_fraction(stages: int, microbatches: int) -> float:
   return (stages - 1) / (microbatches + stages - 1)
 
 
-def default_microbatches(stages: int, batch: int, requested: int = 0) -> int:
-  """`requested` if > 0, else the largest divisor of `batch` up to 4 S (bubble <= 20%)."""
+def default_microbatches(stages: int, batch: int, data_ways: int = 1,
+                         requested: int = 0) -> int:
+  """`requested` if > 0, else the largest divisor of the rows per data shard up to 4 S.
+
+  Dividing each data shard's rows keeps every microbatch split over the data axes (no
+  resharding); up to 4 S microbatches keeps the bubble at or below 20%.
+  """
   if requested:
     return requested
-  return max(m for m in range(1, min(batch, 4 * stages) + 1) if batch % m == 0)
+  rows = max(batch // data_ways, 1)
+  return max(m for m in range(1, min(rows, 4 * stages) + 1) if rows % m == 0)
 
 
 def run_stack(layer_fn: LayerFn, params: Any, x: jax.Array, positions: jax.Array, *,
@@ -70,7 +76,7 @@ def run_stack(layer_fn: LayerFn, params: Any, x: jax.Array, positions: jax.Array
     params: the stack's parameters, every leaf [L, ...].
     x: [X, D] tokens, X = B T batch-major; positions: [B, T].
     num_layers: L.
-    microbatches: M, must divide B.
+    microbatches: M, must divide B; 0 picks `default_microbatches`.
     layer_state: None, or per-layer state with leaves [L, B, ...] (the decode KV cache):
       each layer reads and rewrites its microbatch's rows.
 
@@ -80,8 +86,10 @@ def run_stack(layer_fn: LayerFn, params: Any, x: jax.Array, positions: jax.Array
   (stage_axis,) = sharding.active_mesh_axes("layers")
   token_axes = sharding.active_mesh_axes("tokens")
   mesh = jax.sharding.get_abstract_mesh()
-  stages, m = mesh.shape[stage_axis], microbatches
   b, t = positions.shape
+  stages = mesh.shape[stage_axis]
+  m = default_microbatches(stages, b, math.prod(mesh.shape[a] for a in token_axes),
+                           microbatches)
   if b % m:
     raise ValueError(f"{m} pipeline microbatches do not divide the batch of {b} rows: set "
                      "model.pipeline_microbatches to a divisor of the per-step batch.")
@@ -91,7 +99,9 @@ def run_stack(layer_fn: LayerFn, params: Any, x: jax.Array, positions: jax.Array
   def to_stages(leaf):  # [L, ...] -> [S, L / S, ...], stage axis on the mesh.
     pad = jnp.zeros((slots - num_layers, *leaf.shape[1:]), leaf.dtype)
     staged = jnp.concatenate([leaf, pad]).reshape(stages, per_stage, *leaf.shape[1:])
-    return jax.lax.with_sharding_constraint(staged, P(stage_axis))
+    # Other dimensions keep their own (tensor, fsdp) sharding: no gather here.
+    free = (P.UNCONSTRAINED,) * (staged.ndim - 1)
+    return jax.lax.with_sharding_constraint(staged, P(stage_axis, *free))
 
   def state_to_stages(leaf):  # [L, B, ...] -> [S, L / S, M, B / M, ...] (strided rows).
     return to_stages(jnp.moveaxis(microbatch.split(jnp.moveaxis(leaf, 1, 0), m), (0, 1),
