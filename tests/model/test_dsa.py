@@ -67,7 +67,7 @@ def test_fast_equals_reference_with_each_built_in_score(score):
   assert_fast_matches_reference(spec, 2, 72, 4, 2, 8, use_scores=False)
 
 
-@hypothesis.settings(max_examples=12, deadline=None, derandomize=True)
+@hypothesis.settings(max_examples=8, deadline=None, derandomize=True)
 @hypothesis.given(
     window=st.integers(1, 12), block_offset=st.integers(0, 12), t=st.integers(1, 70),
     budget=st.sampled_from(dsa.BUDGETS), value=st.floats(0.0, 1.0), group=st.sampled_from([1, 2]))

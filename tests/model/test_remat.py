@@ -37,9 +37,9 @@ def grads(cfg, tokens_seed=0):
 
 @pytest.mark.parametrize("model_kw,policies", [
     (dict(), POLICY_CASES),
-    (DSA_MOE, [("layered", "")]),  # The other policies: the slow case below.
+    # DSA + GMoE under -m slow (its residuals are checked by the default suite below).
     pytest.param(DSA_MOE, POLICY_CASES, marks=pytest.mark.slow),
-], ids=["dense", "dsa_moe", "dsa_moe_every_policy"])
+], ids=["dense", "dsa_moe_every_policy"])
 def test_every_policy_gives_the_gradients_of_no_remat(model_kw, policies):
   reference = grads(small_model_config(**model_kw))
   for name, names in policies:

@@ -58,7 +58,8 @@ MODELS = {
     "dense": {},
     "dense_l4": dict(num_layers=4),  # Divides over 2 and 4 stages (3 does not).
     "dsa": dict(attention="dsa", dsa=dict(window=8, block=8, budget="fixed", budget_value=4)),
-    "moe": dict(moe=dict(num_experts=8, top_k=2, gate_hidden=16, expert_hidden=32)),
+    "moe": dict(num_layers=2,  # Fewer than the others: MoE layers compile slowly.
+                moe=dict(num_experts=8, top_k=2, gate_hidden=16, expert_hidden=32)),
 }
 ROWS, LENGTH, STEPS = 8, 32, 3
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",

@@ -33,7 +33,7 @@ def test_accumulated_microbatches_equal_the_whole_batch(tmp_path):
   batch = {"inputs": rng.randint(0, 256, (b, t)).astype(np.int32),
            "targets": rng.randint(0, 256, (b, t)).astype(np.int32), "weights": weights}
   whole, whole_metrics = one_step(c, batch, 1)
-  for accum in (2, 4):
+  for accum in (4,):  # 2 microbatches on a mesh: tests/parallel/test_layouts.py.
     state, metrics = one_step(c, batch, accum)
     np.testing.assert_allclose(metrics["loss"], whole_metrics["loss"], rtol=1e-5)
     np.testing.assert_allclose(metrics["grad_norm"], whole_metrics["grad_norm"], rtol=1e-4)
