@@ -12,13 +12,17 @@ holds E / ep experts and, inside `shard_map`:
      empty slots are marked and never executed;
   4. `all_to_all` back, then each token sums its k outputs with the routing weights.
 
-Otherwise (one device, or no expert axis) it is `moe_dispatch.grouped_ffn` unchanged:
-that single-device layer is the oracle the tests compare against. Expert weights enter
-`shard_map` split over experts only (an FSDP or tensor split of them is gathered first).
+Without an expert axis, but with tokens split over data axes, each shard dispatches its
+own tokens to the (replicated) experts: no exchange, and no global sort. A tensor split
+of the expert hidden width (`expert_mlp`) stays inside `shard_map`: each tensor rank runs
+its slice of every expert and the outputs are summed (Megatron column -> row). On one
+device it is `moe_dispatch.grouped_ffn` unchanged: the oracle the tests compare against.
+An FSDP split of the expert weights is gathered before `shard_map`.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -52,47 +56,63 @@ def grouped_ffn(x: jax.Array, expert_idx: jax.Array, weights: jax.Array, w_in: j
     x: [X, D] tokens; expert_idx, weights: [X, k].
     w_in: [E, D, 2, F] (gated) or [E, D, F]; w_out: [E, F, D].
     capacity_factor: > 0 limits each expert to capacity_factor x (pairs / E) rows, counted
-      over the pairs one expert-parallel group exchanges (all pairs on one device).
+      over the pairs of one data shard (with ep > 1: of the ep shards that exchange).
     ffn_kwargs: act, gated, dtype, path, tile, max_tile (see `moe_dispatch.grouped_ffn`).
 
   Returns:
     ([X, D] outputs, stats).
   """
   num_experts = w_out.shape[0]
+  mesh = jax.sharding.get_abstract_mesh()
+  token_axes = sharding.active_mesh_axes("tokens")
   expert_axes = sharding.active_mesh_axes("expert")
-  if not expert_axes:
+  # A tensor split of the expert hidden width stays inside shard_map: partial sums.
+  hidden_axes = sharding.active_mesh_axes("expert_mlp")
+  if w_out.shape[1] % math.prod(mesh.shape[a] for a in hidden_axes):
+    hidden_axes = ()  # Not divisible: the parameters are whole on those axes too.
+  if not (token_axes or expert_axes or hidden_axes):
     limit = moe_dispatch.capacity(expert_idx.size, num_experts, capacity_factor)
     y, plan = moe_dispatch.grouped_ffn(x, expert_idx, weights, w_in, w_out,
                                        capacity_limit=limit, **ffn_kwargs)
     return y, DispatchStats(plan.group_sizes, plan.dropped, plan.executed_rows)
-  if len(expert_axes) != 1:
+  if len(expert_axes) > 1:
     raise ValueError(f"experts may be split over one mesh axis, got {expert_axes}.")
-  axis = expert_axes[0]
-  token_axes = sharding.active_mesh_axes("tokens")
-  if axis not in token_axes:
+  axis = expert_axes[0] if expert_axes else None
+  if axis is not None and axis not in token_axes:
     raise ValueError(f"expert parallelism needs tokens split over {axis!r} too: add it to "
                      "the 'tokens' rule in sharding.LOGICAL_AXIS_RULES.")
-  mesh = jax.sharding.get_abstract_mesh()
-  ep = mesh.shape[axis]
+  ep = mesh.shape[axis] if axis else 1
   if num_experts % ep:
     raise ValueError(f"{num_experts} experts do not split over {ep} shards of {axis!r}: "
                      "make model.moe.num_experts a multiple of mesh.expert.")
-  tokens = P(token_axes)
-  expert_spec = P(axis)
+  tokens = P(token_axes or None)
+  hidden = hidden_axes or None
+  in_spec = P(axis, None, None, hidden) if w_in.ndim == 4 else P(axis, None, hidden)
+  out_spec = P(axis, hidden, None)
 
   def local(x, expert_idx, weights, w_in, w_out):
-    y, sizes, dropped, executed = _exchange_and_run(
-        x, expert_idx, weights, w_in, w_out, axis=axis, ep=ep,
-        capacity_factor=capacity_factor, ffn_kwargs=ffn_kwargs)
-    # Per-expert kept rows live on the expert's shard; totals sum over token shards.
-    sizes = jax.lax.psum(jax.lax.all_gather(sizes, axis, tiled=True),
-                         tuple(a for a in token_axes if a != axis))
-    dropped, executed = jax.lax.psum((dropped, executed), token_axes)
+    if ep > 1:
+      y, sizes, dropped, executed = _exchange_and_run(
+          x, expert_idx, weights, w_in, w_out, axis=axis, ep=ep,
+          capacity_factor=capacity_factor, ffn_kwargs=ffn_kwargs)
+      sizes = jax.lax.all_gather(sizes, axis, tiled=True)  # [E]: each shard's experts.
+    else:  # Experts replicated: each data shard dispatches its own tokens, no exchange.
+      limit = moe_dispatch.capacity(expert_idx.size, num_experts, capacity_factor)
+      y, plan = moe_dispatch.grouped_ffn(x, expert_idx, weights, w_in, w_out,
+                                         capacity_limit=limit, **ffn_kwargs)
+      sizes, dropped, executed = plan.group_sizes, plan.dropped, plan.executed_rows
+    if hidden_axes:
+      y = jax.lax.psum(y, hidden_axes)
+    others = tuple(a for a in token_axes if a != axis)
+    if others:  # Totals over the token shards (tensor ranks ran the same rows).
+      sizes = jax.lax.psum(sizes, others)
+    if token_axes:
+      dropped, executed = jax.lax.psum((dropped, executed), token_axes)
     return y, sizes, dropped, executed
 
   y, sizes, dropped, executed = jax.shard_map(
       local, mesh=mesh,
-      in_specs=(tokens, tokens, tokens, expert_spec, expert_spec),
+      in_specs=(tokens, tokens, tokens, in_spec, out_spec),
       out_specs=(tokens, P(), P(), P()), check_vma=False,
   )(x, expert_idx, weights, w_in, w_out)
   return y, DispatchStats(sizes, dropped, executed)
