@@ -22,4 +22,5 @@ def get_config(arg: str | None = None):
            remat_policy="layered")  # The article's (SPEC 2.2); docs/results.md 5.3.
   m.moe.update(num_experts=128, top_k=4, gate_hidden=1536, expert_hidden=680)
   c.data.update(seq_len=4096, batch_size=1024)
+  c.eval.batch_size = 1024  # Splits over up to 1,024 data-parallel devices.
   return c

@@ -157,8 +157,14 @@ def plan(config: ml_collections.ConfigDict, sizes: dict[str, int],
   per_layer = (p2["temp"] - p1["temp"]) / (l2 - l1) if l2 != l1 else 0.0
   temp = p1["temp"] + per_layer * (config.model.num_layers - l1)
   total = state["params"] + state["optimizer"] + batch + temp
+  stages = sizes["stage"]
+  micro = pipeline.default_microbatches(
+      stages, config.data.batch_size // config.train.grad_accum_steps, data_ways(sizes),
+      config.model.pipeline_microbatches) if stages > 1 else 1
   report = {
       "mesh": sizes, "devices": math.prod(sizes.values()),
+      "pipeline_microbatches": micro,
+      "bubble_fraction": pipeline.bubble_fraction(stages, micro) if stages > 1 else 0.0,
       "rows_per_device": rows, "seq_len": config.data.seq_len,
       "params_gib": state["params"] / GIB, "optimizer_gib": state["optimizer"] / GIB,
       "batch_gib": batch / GIB, "temp_gib": temp / GIB,
@@ -194,6 +200,9 @@ def format_plan(report: dict[str, Any]) -> str:
   lines.append(f"  (temp {report['temp_per_layer_gib']:.3f} GiB per layer, compiled at "
                f"{', '.join(report['compiled_at_layers'])} layers on the stand-in mesh "
                f"{report['stand_in_mesh']})")
+  if report["bubble_fraction"]:
+    lines.append(f"pipeline: {report['pipeline_microbatches']} microbatches, bubble "
+                 f"{report['bubble_fraction']:.1%} of each stage's time")
   if "fits" in report:
     lines.append(f"{'fits' if report['fits'] else 'does NOT fit'} in "
                  f"{report['device_memory_gib']:g} GiB per device")
