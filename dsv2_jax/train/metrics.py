@@ -21,22 +21,29 @@ def _plain(value: Any) -> Any:
 
 
 class MetricWriter:
-  """Writes scalars to `workdir/metrics.jsonl` and `workdir/tensorboard/`."""
+  """Writes scalars to `workdir/metrics.jsonl` and `workdir/tensorboard/`.
+
+  enabled=False (every process but the first of a multi-process run) writes nothing.
+  """
 
   def __init__(self, workdir: str | pathlib.Path, resume_step: int = 0,
-               tensorboard: bool = True):
+               tensorboard: bool = True, enabled: bool = True):
     self.path = pathlib.Path(workdir) / "metrics.jsonl"
+    self._file, self._tb = None, None
+    if not enabled:
+      return
     if self.path.exists():
       kept = [line for line in self.path.read_text().splitlines()
               if line.strip() and json.loads(line).get("step", 0) <= resume_step]
       self.path.write_text("".join(line + "\n" for line in kept))
     self._file = open(self.path, "a", encoding="utf-8")
-    self._tb = None
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
 
   def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> None:
+    if self._file is None:
+      return
     record = {"step": int(step)}
     record.update({f"{prefix}{k}": _plain(v) for k, v in metrics.items()})
     self._file.write(json.dumps(record, sort_keys=True) + "\n")
@@ -47,7 +54,8 @@ class MetricWriter:
           self._tb.add_scalar(key, value, int(step))
 
   def close(self) -> None:
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
     if self._tb is not None:
       self._tb.close()
 

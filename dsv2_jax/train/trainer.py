@@ -22,7 +22,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
@@ -115,9 +114,10 @@ class Run:
     if len(ids) + max_new_tokens > limit:
       raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) "
                        f"exceeds model.max_seq_len={limit}.")
-    tokens = generate(self.model, params, jnp.asarray(ids[None]), jax.random.PRNGKey(seed),
-                      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                      mesh=self.mesh)
+    # Host (numpy) inputs: replicated on every process of a multi-process run.
+    tokens = generate(self.model, params, np.asarray(ids[None], np.int32),
+                      np.asarray(jax.random.PRNGKey(seed)), max_new_tokens=max_new_tokens,
+                      temperature=temperature, top_k=top_k, mesh=self.mesh)
     return prompt + self.tokenizer.decode(np.asarray(tokens[0]))
 
 
@@ -141,7 +141,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   config_path = workdir / "config.json"
   if config_path.exists() and run.checkpointer.latest_step() is not None:
     _check_resumable(load_config(workdir), config, workdir)
-  config_path.write_text(config_lib.to_json(config))
+  lead = jax.process_index() == 0  # Of a multi-process run, only process 0 writes files.
+  if lead:
+    config_path.write_text(config_lib.to_json(config))
   train_cfg = config.train
 
   # 2) Data: this process's shard of the stream (an unknown dataset or split fails here).
@@ -154,7 +156,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   #    data stream continues from the position saved with it.
   state, state_shardings, data_state = run.initial_state()
   start_step = int(jax.device_get(state.step))
-  writer = MetricWriter(workdir, resume_step=start_step)  # Drops lines of lost steps.
+  writer = MetricWriter(workdir, resume_step=start_step,  # Drops lines of lost steps.
+                        enabled=lead)
   data_iter = iter(train_data)
   if data_state is not None:
     data_iter.set_state(data_state)
@@ -220,10 +223,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   # 6) Final held-out evaluation over the whole split, and a sample.
   result = run_eval(train_cfg.steps, 0)
   writer.close()
-  (workdir / "eval.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+  if lead:
+    (workdir / "eval.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
   s = config.sample
-  if s.max_new_tokens > 0:
+  if s.max_new_tokens > 0:  # Every process takes part in generation; process 0 writes.
     text = run.sample(state.params, s.prompt, s.max_new_tokens, s.temperature, s.top_k,
                       config.seed)
-    (workdir / "sample.txt").write_text(text + "\n", encoding="utf-8")
+    if lead:
+      (workdir / "sample.txt").write_text(text + "\n", encoding="utf-8")
   return result
