@@ -68,7 +68,7 @@ def state_bytes_per_device(config: ml_collections.ConfigDict, sizes: dict[str, i
   shapes = nn.meta.unbox(boxed)
 
   def shard_bytes(spec: PartitionSpec, leaf: jax.ShapeDtypeStruct) -> int:
-    spec = sharding._fit(spec, leaf.shape, mesh)  # pylint: disable=protected-access
+    spec = sharding.fit_spec(spec, leaf.shape, mesh)
     dims = list(spec) + [None] * (len(leaf.shape) - len(spec))
     shard = [math.ceil(n / _ways(axes, sizes)) for n, axes in zip(leaf.shape, dims)]
     return math.prod(shard) * jnp.dtype(leaf.dtype).itemsize

@@ -145,7 +145,7 @@ def make_mesh(mesh_config: ml_collections.ConfigDict,
               axis_types=(jax.sharding.AxisType.Auto,) * 5)
 
 
-def _fit(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
   """Drops, per dimension, the trailing mesh axes whose sizes do not divide it.
 
   E.g. 2 kv heads on tensor=4 stay replicated rather than fail; the rule table can
@@ -166,12 +166,12 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh,
                       rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> Any:
   """NamedShardings for a tree whose leaves may be boxed with logical axis names.
 
-  Mesh axes that do not divide a dimension are dropped for that dimension (`_fit`).
+  Mesh axes that do not divide a dimension are dropped for that dimension (`fit_spec`).
   """
   specs = nn.get_partition_spec(abstract_tree)
   mesh_specs = nn.logical_to_mesh(specs, rules)
   shapes = nn.meta.unbox(abstract_tree)
-  return jax.tree.map(lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)),
+  return jax.tree.map(lambda spec, x: NamedSharding(mesh, fit_spec(spec, x.shape, mesh)),
                       mesh_specs, shapes, is_leaf=lambda v: isinstance(v, PartitionSpec))
 
 

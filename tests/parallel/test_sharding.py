@@ -61,6 +61,6 @@ def test_axes_that_do_not_divide_a_dimension_are_dropped():
   mesh = jax.sharding.AbstractMesh((2, 4), ("data", "tensor"))
   spec = PartitionSpec(("data", "tensor"), "tensor", None)
   # 6 rows: data (2) divides, data x tensor (8) does not; 3 columns: tensor (4) does not.
-  assert sharding._fit(spec, (6, 3, 5), mesh) == PartitionSpec("data", None, None)
-  assert sharding._fit(spec, (16, 8, 5), mesh) == PartitionSpec(("data", "tensor"), "tensor",
-                                                               None)
+  assert sharding.fit_spec(spec, (6, 3, 5), mesh) == PartitionSpec("data", None, None)
+  assert sharding.fit_spec(spec, (16, 8, 5), mesh) == PartitionSpec(
+      ("data", "tensor"), "tensor", None)
