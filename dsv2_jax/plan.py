@@ -170,7 +170,7 @@ def plan(config: ml_collections.ConfigDict, sizes: dict[str, int],
       "batch_gib": batch / GIB, "temp_gib": temp / GIB,
       "temp_per_layer_gib": per_layer / GIB, "total_gib": total / GIB,
       "compiled_at_layers": {str(k): v for k, v in points.items()},
-      "stand_in_mesh": stand_in(config, sizes, l1, max_fsdp)[1],
+      "stand_in_mesh": small,
   }
   if device_memory_gib:
     report.update(device_memory_gib=device_memory_gib,

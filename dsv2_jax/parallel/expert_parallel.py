@@ -71,10 +71,7 @@ def grouped_ffn(x: jax.Array, expert_idx: jax.Array, weights: jax.Array, w_in: j
   if w_out.shape[1] % math.prod(mesh.shape[a] for a in hidden_axes):
     hidden_axes = ()  # Not divisible: the parameters are whole on those axes too.
   if not (token_axes or expert_axes or hidden_axes):
-    limit = moe_dispatch.capacity(expert_idx.size, num_experts, capacity_factor)
-    y, plan = moe_dispatch.grouped_ffn(x, expert_idx, weights, w_in, w_out,
-                                       capacity_limit=limit, **ffn_kwargs)
-    return y, DispatchStats(plan.group_sizes, plan.dropped, plan.executed_rows)
+    return _dispatch_here(x, expert_idx, weights, w_in, w_out, capacity_factor, ffn_kwargs)
   if len(expert_axes) > 1:
     raise ValueError(f"experts may be split over one mesh axis, got {expert_axes}.")
   axis = expert_axes[0] if expert_axes else None
@@ -97,10 +94,8 @@ def grouped_ffn(x: jax.Array, expert_idx: jax.Array, weights: jax.Array, w_in: j
           capacity_factor=capacity_factor, ffn_kwargs=ffn_kwargs)
       sizes = jax.lax.all_gather(sizes, axis, tiled=True)  # [E]: each shard's experts.
     else:  # Experts replicated: each data shard dispatches its own tokens, no exchange.
-      limit = moe_dispatch.capacity(expert_idx.size, num_experts, capacity_factor)
-      y, plan = moe_dispatch.grouped_ffn(x, expert_idx, weights, w_in, w_out,
-                                         capacity_limit=limit, **ffn_kwargs)
-      sizes, dropped, executed = plan.group_sizes, plan.dropped, plan.executed_rows
+      y, (sizes, dropped, executed) = _dispatch_here(x, expert_idx, weights, w_in, w_out,
+                                                     capacity_factor, ffn_kwargs)
     if hidden_axes:
       y = jax.lax.psum(y, hidden_axes)
     others = tuple(a for a in token_axes if a != axis)
@@ -116,6 +111,15 @@ def grouped_ffn(x: jax.Array, expert_idx: jax.Array, weights: jax.Array, w_in: j
       out_specs=(tokens, P(), P(), P()), check_vma=False,
   )(x, expert_idx, weights, w_in, w_out)
   return y, DispatchStats(sizes, dropped, executed)
+
+
+def _dispatch_here(x, expert_idx, weights, w_in, w_out, capacity_factor, ffn_kwargs
+                   ) -> tuple[jax.Array, DispatchStats]:
+  """The single-device layer on the tokens and experts at hand (the oracle's path)."""
+  limit = moe_dispatch.capacity(expert_idx.size, w_out.shape[0], capacity_factor)
+  y, plan = moe_dispatch.grouped_ffn(x, expert_idx, weights, w_in, w_out,
+                                     capacity_limit=limit, **ffn_kwargs)
+  return y, DispatchStats(plan.group_sizes, plan.dropped, plan.executed_rows)
 
 
 def _exchange_and_run(x, expert_idx, weights, w_in, w_out, *, axis, ep, capacity_factor,
