@@ -2,39 +2,98 @@
 
   python -m dsv2_jax train --config configs/tiny.py --workdir runs/tiny
 
-Expected on 2 CPU cores (AMD EPYC, ~72 GFLOP/s f32 matmul peak): about 8 minutes end to
-end (1,000 steps of 2,048 tokens, ~5,000 tokens/s), held-out bits/byte about 2.7 on the
-whole Wikipedia validation split (470k bytes) against a unigram baseline of 4.63
-(docs/results.md has the measured run).
+Its measured wall time, tokens/s and held-out bits/byte on 2 CPU cores are in
+docs/results.md section 1 (with the batch/steps choice behind the defaults).
 
-Arguments after ':' pick an ablation without a new file, e.g.
-  --config configs/tiny.py:steps=100,seq_len=256,dataset=web_bible
+Every ablation is an argument after ':' (combinable, no new file):
+  --config configs/tiny.py:attention=dsa                 # docs/dsa.md
+  --config configs/tiny.py:attention=dsa,dsa_score=random,dsa_budget=fixed:4
+  --config configs/tiny.py:moe=8x2                       # docs/moe.md: 8 experts, top-2
+  --config configs/tiny.py:moe=8x2,lossfree              # bias balancing, no aux loss
+  --config configs/tiny.py:remat=layered                 # docs/remat.md
+  --config configs/tiny.py:attention=dsa,moe=8x2,remat=layered,steps=100
+  --config configs/tiny.py:steps=100,seq_len=256,dataset=web_bible,width=64,layers=2
+`--config.a.b=v` flags then change any single field.
 """
 
 from dsv2_jax import config as config_lib
 
+GATE_HIDDEN = 64  # Hidden width of the MoE gate of `moe=ExK` (2-layer MLP).
+
+
+def parse_moe(text: str) -> tuple[int, int]:
+  """'8x2' -> (8 experts, top-2); '', '0' or 'none' -> (0, 0): a dense FFN."""
+  if text in ("", "0", "none"):
+    return 0, 0
+  experts, sep, top_k = text.partition("x")
+  if not (sep and experts.isdigit() and top_k.isdigit()):
+    raise config_lib.ConfigError(f"config argument moe={text!r} must be EXPERTSxTOP_K, "
+                                 "e.g. moe=8x2 (or moe=0 for a dense FFN).")
+  return int(experts), int(top_k)
+
+
+def parse_budget(text: str) -> tuple[str, float]:
+  """'fraction:0.15' -> ('fraction', 0.15): model.dsa.budget and budget_value."""
+  kind, sep, value = text.partition(":")
+  try:
+    if sep:
+      return kind, float(value)
+  except ValueError:
+    pass
+  raise config_lib.ConfigError(f"config argument dsa_budget={text!r} must be KIND:VALUE, "
+                               "e.g. fraction:0.15, log:2 or fixed:4.")
+
 
 def get_config(arg: str | None = None):
-  args = config_lib.parse_arg(arg, steps=1000, seq_len=128, batch_size=16,
-                              dataset="wiki_excerpt")
+  args = config_lib.parse_arg(
+      arg,
+      steps=1000,  # Optimizer steps (train.steps).
+      seq_len=128,  # Tokens per training row T (data.seq_len).
+      batch_size=16,  # Rows per optimizer step B (data.batch_size).
+      dataset="wiki_excerpt",  # data.dataset: a local builder or a TFDS catalog name.
+      width=128,  # Residual width D; 4 heads of D/4, SwiGLU FFN of 4D.
+      layers=4,  # Decoder blocks L.
+      attention="dense",  # model.attention: dense | sliding_window | dsa.
+      dsa_score="entropy",  # model.dsa.score: entropy | low_entropy | key_norm | random.
+      # Global tokens per query block, KIND:VALUE: fraction:p of the prefix, log:c for
+      # c*log2(prefix), fixed:n tokens (model.dsa.budget, budget_value).
+      dsa_budget="fraction:0.15",
+      dsa_window=32,  # Local window W in tokens; the query block P is the same.
+      # ExK: E routed experts, top-k, each of hidden 4D/k, so the active FFN parameters
+      # equal the dense FFN's (the dense-vs-MoE comparison); '' = dense FFN.
+      moe="",
+      lossfree=False,  # MoE balanced by DeepSeek-V3's bias (rate 1e-3) instead of the aux loss.
+      remat="none",  # model.remat_policy; any policy but none also rolls the scan (unroll 1).
+  )
   c = config_lib.default_config()
   c.model.update(
-      d_model=128,
-      num_layers=4,
+      d_model=args.width,
+      num_layers=args.layers,
       num_heads=4,
-      ffn_hidden=512,
-      max_seq_len=1024,  # Room to sample past the training length.
+      ffn_hidden=4 * args.width,
+      max_seq_len=max(1024, args.seq_len),  # Room to sample past the training length.
       # A fully unrolled scan keeps the stacked parameters but lets XLA:CPU fuse across
-      # layers: ~7% faster steps here (docs/results.md). Accelerators may prefer 1.
-      scan_unroll=4,
+      # layers: faster steps on CPU (docs/results.md section 2). Accelerators may prefer 1,
+      # and remat needs 1 (section 5.2): the remat argument sets it.
+      scan_unroll=4 if args.remat == "none" else 1,
+      attention=args.attention,
+      remat_policy=args.remat,
   )
+  budget, budget_value = parse_budget(args.dsa_budget)
+  c.model.dsa.update(window=args.dsa_window, block=args.dsa_window, score=args.dsa_score,
+                     budget=budget, budget_value=budget_value)
+  experts, top_k = parse_moe(args.moe)
+  if experts:
+    c.model.moe.update(num_experts=experts, top_k=top_k, gate_hidden=GATE_HIDDEN,
+                       expert_hidden=c.model.ffn_hidden // top_k)
+  if args.lossfree:
+    c.model.moe.update(aux_loss_weight=0.0, balance_bias_rate=1e-3)
   c.data.update(dataset=args.dataset, seq_len=args.seq_len, batch_size=args.batch_size)
   c.train.update(
       steps=args.steps,
       # The article's 5e-5 peak is for a 175B model; a 1M-parameter model trains far
-      # faster at a 60x larger peak. Under this budget, more small steps beat fewer
-      # large ones (batch 16 x 128 tokens reached 2.68 bits/byte where 32 x 128 with
-      # half the steps reached 2.91, same tokens).
+      # faster at a 60x larger peak. Under this budget, more small steps beat fewer large
+      # ones at the same tokens (docs/results.md section 1).
       learning_rate=3e-3,
       warmup_steps=min(100, args.steps),
       end_lr_fraction=0.1,

@@ -1,14 +1,21 @@
-"""Command line: `python -m dsv2_jax {train,eval,generate,info} [flags]`.
+"""Command line: `python -m dsv2_jax {train,eval,generate,info,plan} [flags]`.
 
-  train     --config FILE[:args] --workdir DIR [--config.a.b=v ...] [--stop_after N]
-            [--mesh PRESET | --mesh AXIS=SIZE,...]
-  eval      --workdir DIR [--eval_dataset NAME] [--eval_split SPLIT]
-  generate  --workdir DIR --prompt TEXT [--max_new_tokens N --temperature T --top_k K]
-  info      --config FILE | --workdir DIR [--json]
-  plan      --config FILE --mesh MESH [--devices N] [--device_memory_gib G] [--json]
+  train     train (or resume) a run and evaluate it on held-out text
+            --config FILE[:args] --workdir DIR [--config.a.b=v ...] [--stop_after N]
+            [--mesh PRESET | --mesh AXIS=SIZE,...] [--distributed]
+  eval      held-out loss / perplexity / bits per byte of a run's latest checkpoint
+            --workdir DIR [--eval_dataset NAME] [--eval_split SPLIT] [--json]
+  generate  continue a prompt with a run's latest checkpoint (KV-cache sampling)
+            --workdir DIR --prompt TEXT [--max_new_tokens N --temperature T --top_k K --seed S]
+  info      total / active parameters of a config or run (shapes only)
+            --config FILE | --workdir DIR [--json]
+  plan      per-device memory of a config on a mesh (abstract compile, nothing allocated)
+            --config FILE --mesh MESH [--devices N] [--device_memory_gib G] [--json]
 
-Bad input (config, data, checkpoint, flags) ends with one clear line on stderr and
-exit status 2; nothing in the workdir is deleted.
+Exit status: 0 done (or stopped with a checkpoint: --stop_after, SIGTERM, SIGINT; rerun
+the same command to resume); 2 bad input (config file or field, flag value, data,
+checkpoint, workdir) or a diverged run, reported in one line on stderr that names the
+problem and the fix. Nothing in the workdir is ever deleted.
 
 Multi-host (TPU pods, GPU clusters): run the same command on every host with
 `--distributed` (see `dsv2_jax.parallel.distributed`).
@@ -16,12 +23,15 @@ Multi-host (TPU pods, GPU clusters): run the same command on every host with
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import pathlib
+import re
 import sys
 
 import jax
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -80,8 +90,10 @@ def _train() -> None:
   result = trainer.train_and_evaluate(_CONFIG.value, workdir, stop_after=_STOP_AFTER.value)
   if jax.process_index() != 0:
     return  # Process 0 reports for all.
-  if result is None:
-    print(f"stopped after step {_STOP_AFTER.value}; run the same command to resume.")
+  if isinstance(result, trainer.Stopped):
+    why = {"stop_after": f"--stop_after {_STOP_AFTER.value}"}.get(result.reason, result.reason)
+    print(f"stopped at step {result.step} ({why}) with a checkpoint; run the same command "
+          "to resume.")
     return
   print(f"held-out ({_CONFIG.value.data.dataset}/{_CONFIG.value.data.eval_split}): "
         f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  "
@@ -92,14 +104,20 @@ def _train() -> None:
     print("sample:\n" + sample.read_text(encoding="utf-8"))
 
 
-def _trained_run():
-  """Config, Run and restored state of a trained workdir."""
+def _trained_run(before_restore=None):
+  """Config, Run and restored state of a trained workdir.
+
+  `before_restore(config, run)` checks flags first, so bad input fails before the
+  (slow) restore.
+  """
   from dsv2_jax.train import trainer  # pylint: disable=g-import-not-at-top
   workdir = _need_workdir()
   config = trainer.load_config(workdir)
   run = trainer.Run(config, workdir)
   if run.checkpointer.latest_step() is None:
     raise UsageError(f"{workdir} has no checkpoint yet: train first.")
+  if before_restore is not None:
+    before_restore(config, run)
   state, shardings, _ = run.initial_state()
   return config, run, state, shardings
 
@@ -118,13 +136,39 @@ def _eval() -> None:
   print(json.dumps(result, indent=None if _JSON.value else 2, sort_keys=True))
 
 
-def _generate() -> None:
-  config, run, state, _ = _trained_run()
+def _generation_args(config) -> tuple[str, int, float, int]:
+  """(prompt, max_new_tokens, temperature, top_k) from the flags or config.sample."""
   s = config.sample
-  prompt = _PROMPT.value if _PROMPT.value is not None else s.prompt
   pick = lambda flag, default: default if flag.value is None else flag.value  # noqa: E731
-  print(run.sample(state.params, prompt, pick(_MAX_NEW, s.max_new_tokens),
-                   pick(_TEMPERATURE, s.temperature), pick(_TOP_K, s.top_k), _SEED.value))
+  prompt = pick(_PROMPT, s.prompt)
+  max_new, temperature, top_k = pick(_MAX_NEW, s.max_new_tokens), pick(_TEMPERATURE,
+                                     s.temperature), pick(_TOP_K, s.top_k)
+  if max_new <= 0:
+    raise UsageError(f"--max_new_tokens={max_new} must be a positive integer.")
+  if not temperature >= 0:  # Also rejects NaN.
+    raise UsageError(f"--temperature={temperature} must be >= 0 (0 = greedy).")
+  if top_k < 0:
+    raise UsageError(f"--top_k={top_k} must be >= 0 (0 = sample among all tokens).")
+  if not prompt:
+    raise UsageError("--prompt is empty: give the text to continue.")
+  try:
+    prompt.encode("utf-8")
+  except UnicodeEncodeError:
+    raise UsageError("--prompt is not valid UTF-8 text: pass the prompt in UTF-8 (check the "
+                     "terminal's locale or the file it came from).") from None
+  return prompt, max_new, temperature, top_k
+
+
+def _generate() -> None:
+  args = {}
+
+  def check(config, run):
+    args["value"] = _generation_args(config)
+    prompt, max_new = args["value"][:2]
+    run.check_generation_length(len(run.tokenizer.encode(prompt)), max_new)
+
+  _, run, state, _ = _trained_run(check)
+  print(run.sample(state.params, *args["value"], _SEED.value))
 
 
 def _info() -> None:
@@ -160,19 +204,94 @@ def _plan() -> None:
 
 def _errors() -> tuple[type[BaseException], ...]:
   """Exceptions that mean bad input: reported in one line, exit status 2."""
-  from dsv2_jax.data.corpora import MissingCorpusError  # pylint: disable=g-import-not-at-top
-  from dsv2_jax.data.sources import DatasetUnavailableError  # pylint: disable=g-import-not-at-top
-  from dsv2_jax.parallel.sharding import MeshError  # pylint: disable=g-import-not-at-top
-  from dsv2_jax.train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from dsv2_jax.data.corpora import MissingCorpusError
+  from dsv2_jax.data.sources import DatasetUnavailableError
+  from dsv2_jax.parallel.sharding import MeshError
+  from dsv2_jax.train.checkpoint import CheckpointError
+  from dsv2_jax.train.trainer import TrainingDiverged, WorkdirError
   return (config_lib.ConfigError, UsageError, MissingCorpusError, DatasetUnavailableError,
-          MeshError, CheckpointError, FileNotFoundError)
+          MeshError, CheckpointError, FileNotFoundError, WorkdirError, TrainingDiverged)
+
+
+def _config_value(argv: list[str]) -> str | None:
+  """The value of --config in argv (`--config X` or `--config=X`)."""
+  for i, arg in enumerate(argv):
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+  return None
+
+
+def _fields(config, prefix: str = "") -> list[str]:
+  out = []
+  for key, value in config.items():
+    out.append(prefix + key)
+    if hasattr(value, "items"):
+      out += _fields(value, f"{prefix}{key}.")
+  return out
+
+
+def _flag_error(argv: list[str], error: Exception) -> str:
+  """One line saying which flag is wrong and how to fix it."""
+  value = _config_value(argv)
+  if value is not None:
+    path, _, arg = value.partition(":")
+    if not pathlib.Path(path).is_file():
+      shipped = sorted(str(p.relative_to(pathlib.Path.cwd())) if p.is_relative_to(
+          pathlib.Path.cwd()) else str(p) for p in (
+              pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
+      return f"--config {value}: no such file {path!r}; use one of {shipped}."
+    try:
+      config = config_lib.from_file(path, arg or None)
+    except Exception as e:  # pylint: disable=broad-except  # Any error of the user's file.
+      where = f" (line {e.lineno})" if isinstance(e, SyntaxError) and e.lineno else ""
+      reason = e.msg if isinstance(e, SyntaxError) else str(e).splitlines()[0] if str(e) else ""
+      return (f"--config {value} could not be loaded: {type(e).__name__}{where}: {reason}. "
+              "Fix the file or its ':args'.")
+    if not isinstance(config, ml_collections.ConfigDict):
+      return (f"--config {value}: get_config() returned a {type(config).__name__}, not an "
+              "ml_collections.ConfigDict; start from dsv2_jax.config.default_config().")
+    fields = _fields(config)
+    for arg_ in argv:
+      match = re.match(r"--config\.([\w.]+)", arg_)
+      if match and match.group(1) not in fields:
+        name = match.group(1)
+        parent = name.rpartition(".")[0]
+        leaf = name.rpartition(".")[2]
+        siblings = [f.rpartition(".")[2] for f in fields if f.rpartition(".")[0] == parent]
+        close = [f"{parent}.{f}" if parent else f
+                 for f in difflib.get_close_matches(leaf, siblings, n=3, cutoff=0.7)]
+        hint = f"did you mean {' or '.join(close)}?" if close else \
+            "dsv2_jax/config.py lists every field."
+        return f"--config.{name}: no such config field; {hint}"
+  message = str(error).splitlines()[0] if str(error) else type(error).__name__
+  message = re.sub(r"^flag (--\S+?)=", r"\1=", message)
+  return f"{message} (check the flag's value and spelling; --helpfull lists every flag)."
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with every failure reported in one line and exit status 2."""
+  try:
+    args = flags.FLAGS(argv)
+    if _config_value(argv) is not None:
+      _ = _CONFIG.value.to_dict()  # ml_collections defers a file's load error to here.
+    return args
+  except Exception as e:  # pylint: disable=broad-except  # absl, ml_collections, the file.
+    print(f"error: {_flag_error(argv, e)}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv: list[str]) -> None:
   commands = [a for a in argv[1:] if not a.startswith("-")]
   if len(commands) != 1 or commands[0] not in COMMANDS:
-    raise app.UsageError(f"give exactly one command out of {COMMANDS}; got {commands}.")
+    print(f"error: give exactly one command out of {list(COMMANDS)}; got {commands}.",
+          file=sys.stderr)
+    sys.exit(2)
   logging.getLogger("absl").setLevel(logging.ERROR)
+  # JAX logs each backend it probes and cannot start (e.g. 'tpu' on a CPU-only machine).
+  logging.getLogger("jax").setLevel(logging.WARNING)
   handler = {"train": _train, "eval": _eval, "generate": _generate, "info": _info,
              "plan": _plan}[commands[0]]
   try:
@@ -186,4 +305,4 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -19,18 +19,21 @@ from typing import Any
 
 import ml_collections
 
+from dsv2_jax.data import corpora, tokenizer
+from dsv2_jax.model import attention, ffn, layers, moe_dispatch, remat, transformer
 from dsv2_jax.model import dsa as dsa_lib
-from dsv2_jax.model import remat
 
+# The choices of a field are owned by the module that implements them.
 # Local TFDS builders shipped in `dsv2_jax.data.corpora`; any other name is treated
 # as a TFDS catalog name ("c4/en", "pg19", ...) that must be prepared in data_dir.
-LOCAL_DATASETS = ("wiki_excerpt", "web_bible", "lee_news")
-DTYPES = ("float32", "bfloat16", "float16")
-ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")
-NORMS = ("rmsnorm", "layernorm")
-POSITIONS = ("rope", "learned", "none")
-ATTENTIONS = ("dense", "sliding_window", "dsa")
-TOKENIZERS = ("byte", "sentencepiece")
+LOCAL_DATASETS = tuple(corpora.LOCAL_BUILDERS)
+DTYPES = tuple(layers.DTYPES)
+ACTIVATIONS = tuple(ffn.ACTIVATIONS)
+NORMS = layers.NORMS
+POSITIONS = transformer.POSITIONS
+ATTENTIONS = attention.ATTENTIONS
+MOE_DISPATCH = moe_dispatch.DISPATCH_PATHS
+TOKENIZERS = tokenizer.TOKENIZERS
 
 
 class ConfigError(ValueError):
@@ -95,7 +98,7 @@ def default_config() -> ml_collections.ConfigDict:
   # Layers per scan iteration (>= num_layers: no loop); trades compile time. On CPU a fully
   # unrolled scan lets XLA hoist the remat recompute: keep 1 when memory matters.
   m.scan_unroll = 1
-  # Microbatches of the pipeline schedule when mesh.stage > 1 (bubble (S-1)/(M+S-1));
+  # Microbatches Y of the pipeline schedule when mesh.stage = Z > 1 (bubble (Z-1)/(Y+Z-1));
   # 0 picks the largest divisor of each data shard's rows up to 4 x stages.
   m.pipeline_microbatches = 0
   m.dtype = "float32"  # Compute dtype of activations and matmuls.
@@ -133,6 +136,9 @@ def default_config() -> ml_collections.ConfigDict:
   t.checkpoint_every = 1000  # Steps between checkpoints; the last step is always saved.
   t.max_checkpoints = 3  # Checkpoints kept on disk.
   t.async_checkpointing = True  # Write checkpoints in the background.
+  # Consecutive steps with a non-finite loss, gradient or update (each one skipped, not
+  # applied) after which the run stops with exit status 2; its checkpoints stay finite.
+  t.max_skipped_steps = 10
 
   e = c.eval = ml_collections.ConfigDict()
   e.batch_size = 32  # Rows per eval batch.
@@ -219,9 +225,6 @@ def _validate_dsa(dsa: ml_collections.ConfigDict) -> None:
            "for model.dsa.budget='fraction': use a value in [0, 1].")
 
 
-MOE_DISPATCH = ("auto", "tiled", "ragged_dot")
-
-
 def _validate_moe(m: ml_collections.ConfigDict) -> None:
   moe = m.moe
   _check(isinstance(moe.num_experts, int) and moe.num_experts >= 0,
@@ -261,6 +264,19 @@ def _validate_remat(m: ml_collections.ConfigDict) -> None:
     remat.policy(m.remat_policy, m.remat_names)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+
+
+def _validate_sample(s: ml_collections.ConfigDict) -> None:
+  _check(isinstance(s.max_new_tokens, int) and s.max_new_tokens >= 0,
+         f"sample.max_new_tokens={s.max_new_tokens!r} must be an integer >= 0 "
+         "(0: no sample after training).")
+  _check(s.temperature >= 0 and math.isfinite(s.temperature),
+         f"sample.temperature={s.temperature} must be >= 0 (0 = greedy).")
+  _check(isinstance(s.top_k, int) and s.top_k >= 0,
+         f"sample.top_k={s.top_k!r} must be an integer >= 0 (0 = all tokens).")
+  if s.max_new_tokens:
+    _check(bool(s.prompt), "sample.prompt is empty: give at least one character "
+           "(or set sample.max_new_tokens=0 to skip the sample).")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -322,6 +338,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f"train.grad_accum_steps={t.grad_accum_steps} must be >= 1 and divide "
          f"data.batch_size={d.batch_size} (the rows of one optimizer step).")
   _check(t.max_checkpoints >= 1, f"train.max_checkpoints={t.max_checkpoints} must be >= 1.")
+  _check(isinstance(t.max_skipped_steps, int) and t.max_skipped_steps >= 1,
+         f"train.max_skipped_steps={t.max_skipped_steps!r} must be a positive integer "
+         "(consecutive non-finite steps tolerated before the run stops).")
+  _validate_sample(config.sample)
   _check(config.eval.max_batches >= 0, "eval.max_batches must be >= 0 (0 = whole split).")
   for axis, size in config.mesh.items():
     _check(isinstance(size, int) and (size >= 1 or size == -1),

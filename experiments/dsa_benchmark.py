@@ -19,8 +19,8 @@ that memory; passes above 2 GiB run in a child process so that running out of me
 cannot lose the run. Fitted
 exponents (time ~ n^a over n >= 2048) and a log-log plot complete the output.
 
-  python experiments/dsa_benchmark.py --out docs/figures/dsa_benchmark.json
-  python experiments/dsa_benchmark.py --quick --out /tmp/dsa_quick.json
+  python -m experiments.dsa_benchmark --out docs/figures/dsa_benchmark.json
+  python -m experiments.dsa_benchmark --quick --out /tmp/dsa_quick.json
 """
 
 from __future__ import annotations
@@ -28,19 +28,17 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import os
 import subprocess
 import sys
-import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import report  # experiments/report.py (the script's own folder is on sys.path)
 from dsv2_jax.model import dsa
+from experiments import common
 
 B, N, H = 1, 8, 64
 WINDOW, BLOCK = 32, 32
@@ -106,9 +104,7 @@ class JaxCase:
 
   def time(self, which: str) -> float:
     fn = self.fwd if which == "fwd" else self.fwd_bwd
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*self.args))
-    return time.perf_counter() - start
+    return common.timed(lambda: fn(*self.args))
 
 
 class TorchCase:
@@ -125,22 +121,15 @@ class TorchCase:
   def time(self, which: str) -> float:
     torch = self.torch
     q, k, v = self.qkv
-    start = time.perf_counter()
-    if which == "fwd":
-      with torch.no_grad():
-        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-    else:
+
+    def run():  # Eager on CPU: done when it returns.
+      if which == "fwd":
+        with torch.no_grad():
+          return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
       out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-      torch.autograd.grad((out * q).sum(), (q, k, v))
-    return time.perf_counter() - start
+      return torch.autograd.grad((out * q).sum(), (q, k, v))
 
-
-def torch_available() -> bool:
-  try:
-    import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-    return True
-  except ImportError:
-    return False
+    return common.timed(run)
 
 
 def available_bytes() -> int:
@@ -153,20 +142,15 @@ def available_bytes() -> int:
 
 def measure(case, repeats: int, which: tuple[str, ...] = ("fwd", "fwd_bwd")) -> dict[str, float]:
   """Best-of-`repeats` times after one warm-up call, the `which` passes interleaved."""
-  times: dict[str, list[float]] = {w: [] for w in which}
-  for w in which:
-    case.time(w)
-  for _ in range(repeats):
-    for w in which:
-      times[w].append(case.time(w))
+  times = common.interleaved({w: functools.partial(case.time, w) for w in which}, repeats)
   return {f"{w}_ms": 1e3 * min(t) for w, t in times.items()}
 
 
 def run_isolated(impl: str, n: int, repeats: int, which: tuple[str, ...]) -> dict[str, Any]:
   """Times one big case in a child process; a crash (e.g. out of memory) is recorded."""
-  cmd = [sys.executable, __file__, "--single", f"{impl}:{n}:{'+'.join(which)}",
-         "--repeats", str(repeats), "--out", "-"]
-  proc = subprocess.run(cmd, capture_output=True, text=True)
+  cmd = [sys.executable, "-m", "experiments.dsa_benchmark", "--single",
+         f"{impl}:{n}:{'+'.join(which)}", "--repeats", str(repeats), "--out", "-"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=common.REPO)
   if proc.returncode != 0:
     return {"skipped": f"child process failed (exit {proc.returncode}): "
                        f"{proc.stderr.strip().splitlines()[-1:]}"}
@@ -231,7 +215,8 @@ def main(argv: list[str]) -> None:
     args.lengths, args.repeats = "512,2048", 1
 
   impls = [i for i in args.impls.split(",")
-           if i in JAX_IMPLS or (i == "torch_sdpa" and torch_available() and not args.no_torch)]
+           if i in JAX_IMPLS or (i == "torch_sdpa" and common.peer_available("torch")
+                                 and not args.no_torch)]
   budget = args.memory_fraction * available_bytes()
   records = []
   for n in (int(x) for x in args.lengths.split(",")):
@@ -275,10 +260,10 @@ def main(argv: list[str]) -> None:
           a, b = by.get(impl, {}).get(key), by.get(ref, {}).get(key)
           if a and b:
             summary.setdefault("ratios", {}).setdefault(f"{ref}/{impl}", {})[f"{key}@{n}"] = b / a
-  result = {"command": " ".join(["python", "experiments/dsa_benchmark.py", *argv]),
+  result = {"command": common.command("experiments.dsa_benchmark", argv),
             "shape": {"batch": B, "heads": N, "head_dim": H, "window": WINDOW, "block": BLOCK},
             "device": jax.devices()[0].device_kind, "records": records, "summary": summary}
-  report.write(result, args.out, lambda path: plot(records, path))
+  common.write(result, args.out, lambda path: plot(records, path))
 
 
 if __name__ == "__main__":

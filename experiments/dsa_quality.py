@@ -1,10 +1,11 @@
 """DSA quality: held-out perplexity against dense attention, and pass-key retrieval.
 
-Part `lm`. The same byte-level model (configs/tiny.py widths) is trained on the
-Wikipedia excerpt at sequence length 1024 with dense attention and with DSA (W = 32,
-P = 32, p = 15%, entropy score). Data order, steps and seed are the same. We report
-held-out loss, perplexity and bits/byte over the whole validation split, and the
-ratio DSA / dense. Both runs go through `train_and_evaluate`.
+Part `lm`. The same byte-level model, `--lm_config` (default configs/tiny.py at sequence
+length 1024, batch 4, 400 steps), is trained on the Wikipedia excerpt with
+`attention=dense` and with `attention=dsa` (W = 32, P = 32, p = 15%, entropy score).
+Data order, steps and seed are the same. We report held-out loss, perplexity and
+bits/byte over the whole validation split, and the ratio DSA / dense. Both runs go
+through `train_and_evaluate`.
 
 Part `passkey`. A 5-digit pass key is hidden in real Wikipedia text ("The pass key is
 12345. Remember it."). After the text comes " What is the pass key? The pass key
@@ -12,17 +13,23 @@ is ", and the model must produce the key. The key always sits more than W + P to
 before the question, beyond any local window. Each attention variant is trained from
 scratch on the answer digits only (same data, steps and seed), then scored on
 held-out samples built from validation text. We report per-digit accuracy (teacher
-forced) and exact match.
-  dense           full causal attention (upper bound)
-  dsa_entropy     DSA, entropy score
-  dsa_random      DSA, random score (same budget)
-  dsa_key_norm    DSA, key-norm score (same budget)
-  sliding_window  local window only (lower bound: chance is 10% per digit)
-`--pk_budget fixed:4` repeats the comparison at a budget so small (4 global tokens per
-block) that the selection itself, not the coverage of many selected tokens, decides.
+forced) and exact match. The model is `--pk_config` (default configs/tiny.py at width 64,
+2 layers, sequence 256, 1,500 steps) with each variant's config arguments appended:
+  dense           attention=dense: full causal attention (upper bound)
+  dsa_entropy     attention=dsa,dsa_score=entropy
+  dsa_random      attention=dsa,dsa_score=random (same budget)
+  dsa_key_norm    attention=dsa,dsa_score=key_norm (same budget)
+  sliding_window  attention=sliding_window: local window only (lower bound: chance is
+                  10% per digit)
+Adding `dsa_budget=fixed:4` to --pk_config repeats the comparison at a budget so small
+(4 global tokens per block) that the selection itself, not the coverage of many selected
+tokens, decides.
 
-  python experiments/dsa_quality.py --out docs/figures/dsa_quality.json
-  python experiments/dsa_quality.py --quick --out /tmp/dsa_quality_quick.json
+  python -m experiments.dsa_quality --out docs/figures/dsa_quality.json
+  python -m experiments.dsa_quality --parts passkey \
+      --pk_config configs/tiny.py:width=64,layers=2,seq_len=256,steps=1500,dsa_budget=fixed:4 \
+      --out /tmp/dsa_quality_fixed4.json
+  python -m experiments.dsa_quality --quick --out /tmp/dsa_quality_quick.json
 """
 
 from __future__ import annotations
@@ -39,7 +46,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dsv2_jax import config as config_lib
 from dsv2_jax.data import sources
 from dsv2_jax.data.tokenizer import ByteTokenizer
 from dsv2_jax.model.transformer import build_model
@@ -48,43 +54,43 @@ from dsv2_jax.train import trainer
 from dsv2_jax.train.optimizer import build_optimizer
 from dsv2_jax.train.state import create_train_state
 from dsv2_jax.train.step import jit_train_step
+from experiments import common
 
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = " What is the pass key? The pass key is "
 KEY_DIGITS = 5
 
-PASSKEY_VARIANTS = {
-    "dense": dict(attention="dense"),
-    "dsa_entropy": dict(attention="dsa", score="entropy"),
-    "dsa_random": dict(attention="dsa", score="random"),
-    "dsa_key_norm": dict(attention="dsa", score="key_norm"),
-    "sliding_window": dict(attention="sliding_window"),
+LM_CONFIG = "configs/tiny.py:seq_len=1024,batch_size=4,steps=400"
+LM_VARIANTS = {"dense": "attention=dense", "dsa": "attention=dsa"}  # Config arguments.
+PK_CONFIG = "configs/tiny.py:width=64,layers=2,seq_len=256,steps=1500"
+PASSKEY_VARIANTS = {  # Config arguments appended to --pk_config.
+    "dense": "attention=dense",
+    "dsa_entropy": "attention=dsa,dsa_score=entropy",
+    "dsa_random": "attention=dsa,dsa_score=random",
+    "dsa_key_norm": "attention=dsa,dsa_score=key_norm",
+    "sliding_window": "attention=sliding_window",
 }
+QUICK = {"lm_config": "steps=6,seq_len=256", "pk_config": "steps=6"}  # --quick: appended.
 
 
-def load_tiny() -> ml_collections.ConfigDict:
-  return config_lib.from_file(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"))
-
-
-def set_attention(config: ml_collections.ConfigDict, attention: str, score: str = "entropy",
-                  budget: str = "fraction", budget_value: float = 0.15) -> None:
-  config.model.attention = attention
-  config.model.dsa.update(window=32, block=32, budget=budget, budget_value=budget_value,
-                          score=score)
+def load(args, name: str, variant: str) -> ml_collections.ConfigDict:
+  """`--NAME` (lm_config or pk_config) + --quick's + the variant's arguments + overrides."""
+  spec = common.with_args(getattr(args, name), QUICK[name] if args.quick else "", variant)
+  c = common.load_config(spec, args.overrides[name], name=name)
+  c.data.data_dir = args.data_dir
+  return c
 
 
 # --- part 1: perplexity ------------------------------------------------------------------
 
 def lm_part(args, workroot: str) -> dict[str, Any]:
   results = {}
-  for name, attention in (("dense", "dense"), ("dsa", "dsa")):
-    c = load_tiny()
-    c.data.update(seq_len=args.lm_seq_len, batch_size=args.lm_batch, data_dir=args.data_dir)
-    c.model.max_seq_len = max(c.model.max_seq_len, args.lm_seq_len)
-    c.train.update(steps=args.lm_steps, warmup_steps=min(50, args.lm_steps), eval_every=0,
-                   checkpoint_every=0, log_every=max(1, args.lm_steps // 10))
+  for name, variant in LM_VARIANTS.items():
+    c = load(args, "lm_config", variant)
+    steps = c.train.steps  # Protocol: one final eval over the whole split, no sample.
+    c.train.update(warmup_steps=min(50, steps), eval_every=0, checkpoint_every=0,
+                   log_every=max(1, steps // 10))
     c.sample.max_new_tokens = 0
-    set_attention(c, attention)
     start = time.perf_counter()
     result = trainer.train_and_evaluate(c, os.path.join(workroot, f"lm_{name}"))
     result["train_seconds"] = time.perf_counter() - start
@@ -128,40 +134,28 @@ def passkey_batch(rng: np.random.RandomState, text: bytes, batch: int, seq_len: 
   return {"inputs": inputs, "targets": targets, "weights": weights}
 
 
-def passkey_config(args, variant: dict[str, str]) -> ml_collections.ConfigDict:
-  c = load_tiny()
-  c.model.update(d_model=args.pk_width, num_layers=args.pk_layers, num_heads=4,
-                 ffn_hidden=4 * args.pk_width, max_seq_len=args.pk_seq_len, scan_unroll=1)
-  c.data.update(seq_len=args.pk_seq_len, batch_size=args.pk_batch)
-  c.train.update(steps=args.pk_steps, warmup_steps=min(100, args.pk_steps),
-                 learning_rate=args.pk_lr, end_lr_fraction=0.1)
-  budget, value = args.pk_budget.split(":")
-  set_attention(c, variant["attention"], variant.get("score", "entropy"), budget, float(value))
-  config_lib.validate(c)
-  return c
-
-
 def passkey_part(args) -> dict[str, Any]:
   train_text, val_text = corpus_bytes("train", args.data_dir), corpus_bytes("validation",
                                                                             args.data_dir)
   min_distance = 32 + 32 + KEY_DIGITS  # Beyond W + P of the answer's queries.
   eval_rng = np.random.RandomState(10_000)
-  eval_batches = [passkey_batch(eval_rng, val_text, args.pk_batch, args.pk_seq_len,
+  shape = load(args, "pk_config", "").data  # Every variant has the same rows.
+  eval_batches = [passkey_batch(eval_rng, val_text, shape.batch_size, shape.seq_len,
                                 min_distance) for _ in range(args.pk_eval_batches)]
   results = {}
   for name in args.variants.split(","):
-    c = passkey_config(args, PASSKEY_VARIANTS[name])
+    c = load(args, "pk_config", PASSKEY_VARIANTS[name])
     mesh = sharding.make_mesh(c.mesh)
     model, tx = build_model(c.model), build_optimizer(c.train)
     state, shardings = create_train_state(model, tx, c.seed, c.data.seq_len, mesh)
     step = jit_train_step(model, tx, mesh, shardings)
     rng = np.random.RandomState(c.seed)  # Same samples for every variant.
-    start, losses = time.perf_counter(), []
-    for i in range(args.pk_steps):
+    start, losses, steps = time.perf_counter(), [], c.train.steps
+    for i in range(steps):
       batch = sharding.put_batch(passkey_batch(rng, train_text, c.data.batch_size,
                                                c.data.seq_len, min_distance), mesh)
       state, metrics = step(state, batch)
-      if (i + 1) % max(1, args.pk_steps // 10) == 0:
+      if (i + 1) % max(1, steps // 10) == 0:
         losses.append((i + 1, float(metrics["loss"])))
     train_seconds = time.perf_counter() - start
     predict = jax.jit(lambda p, x: jnp.argmax(model.apply({"params": p}, x), axis=-1))
@@ -185,36 +179,27 @@ def main(argv: list[str]) -> None:
   parser.add_argument("--parts", default="lm,passkey")
   parser.add_argument("--data_dir", default="~/tensorflow_datasets")
   parser.add_argument("--workdir", default="runs/dsa_quality")
-  parser.add_argument("--lm_steps", type=int, default=400)
-  parser.add_argument("--lm_seq_len", type=int, default=1024)
-  parser.add_argument("--lm_batch", type=int, default=4)
-  parser.add_argument("--variants", default=",".join(PASSKEY_VARIANTS))
-  parser.add_argument("--pk_steps", type=int, default=1500)
-  parser.add_argument("--pk_seq_len", type=int, default=256)
-  parser.add_argument("--pk_batch", type=int, default=16)
-  parser.add_argument("--pk_width", type=int, default=64)
-  parser.add_argument("--pk_layers", type=int, default=2)
-  parser.add_argument("--pk_lr", type=float, default=3e-3)
+  common.add_config_flag(parser, LM_CONFIG, "lm_config", "Part lm's model.")
+  common.add_config_flag(parser, PK_CONFIG, "pk_config", "Part passkey's model.")
+  parser.add_argument("--variants", default=",".join(PASSKEY_VARIANTS),
+                      help="Pass-key variants.")
   parser.add_argument("--pk_eval_batches", type=int, default=16)
-  parser.add_argument("--pk_budget", default="fraction:0.15",
-                      help="DSA global budget of the pass-key models, KIND:VALUE "
-                           "(fraction:0.15, log:2, fixed:4).")
-  parser.add_argument("--quick", action="store_true", help="A few steps of everything.")
-  args = parser.parse_args(argv)
+  parser.add_argument("--quick", action="store_true", help=f"A few steps of everything: {QUICK}.")
+  args = common.parse_args(parser, argv, ("lm_config", "pk_config"))
   if args.quick:
-    args.lm_steps, args.lm_seq_len, args.pk_steps, args.pk_eval_batches = 6, 256, 6, 2
+    args.pk_eval_batches = 2
   args.data_dir = os.path.expanduser(args.data_dir)
   workroot = os.path.join(args.workdir, time.strftime("%Y%m%d-%H%M%S"))
-  result: dict[str, Any] = {"command": " ".join(["python", "experiments/dsa_quality.py", *argv]),
-                            "device": jax.devices()[0].device_kind}
+  result: dict[str, Any] = {"command": common.command("experiments.dsa_quality", argv),
+                            "device": jax.devices()[0].device_kind,
+                            "lm_config": args.lm_config, "pk_config": args.pk_config,
+                            "config_overrides": args.overrides}
   if "lm" in args.parts:
     result["lm"] = lm_part(args, workroot)
   if "passkey" in args.parts:
     result["passkey"] = passkey_part(args)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=2)
-  print(json.dumps({k: v for k, v in result.items() if k != "command"}, indent=2)[:3000])
+  common.write(result, args.out)
+  print(json.dumps({k: v for k, v in result.items() if k in ("lm", "passkey")}, indent=2)[:3000])
 
 
 if __name__ == "__main__":

@@ -15,27 +15,25 @@ routing actually taken (XLA's cost analysis counts a loop body once, and on CPU 
 ragged_dot expands to a dense matmul over every group); `compiled_flops` is XLA's own
 count. `active_flops` is what the active parameters cost: 3 x 2 x X x (k x 3 D F + gate).
 
-  python experiments/moe_benchmark.py --out docs/figures/moe_benchmark.json
-  python experiments/moe_benchmark.py --quick --out /tmp/moe_quick.json
+  python -m experiments.moe_benchmark --out docs/figures/moe_benchmark.json
+  python -m experiments.moe_benchmark --quick --out /tmp/moe_quick.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import report  # experiments/report.py (the script's own folder is on sys.path)
 from dsv2_jax.model import moe_dispatch
 from dsv2_jax.model.moe import load_balancing_loss
 from dsv2_jax.model.moe_reference import gated_routing
+from experiments import common
 
 IMPLS = ("moe_tiled", "moe_tiled_single", "moe_ragged_dot", "dense_ffn", "oracle")
 
@@ -68,9 +66,9 @@ def layer_fn(impl: str, k: int, tile: int = 0, max_tile: int = moe_dispatch.MAX_
   def moe(path, max_tile):
     def f(p):
       probs, idx, weights = route(p, k)
-      y, _ = moe_dispatch.grouped_ffn(p["x"], idx, weights, p["w_in"], p["w_out"],
-                                      act=jax.nn.silu, gated=True, dtype=jnp.float32,
-                                      path=path, tile=tile, max_tile=max_tile)
+      y, _ = moe_dispatch.routed_ffn(p["x"], idx, weights, p["w_in"], p["w_out"],
+                                     act=jax.nn.silu, gated=True, dtype=jnp.float32,
+                                     path=path, tile=tile, max_tile=max_tile)
       return probe(y) + 0.01 * load_balancing_loss(probs, idx, p["w_out"].shape[0])
     return f
 
@@ -118,9 +116,7 @@ class Case:
     }
 
   def time(self) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(self.compiled(self.p))
-    return time.perf_counter() - start
+    return common.timed(lambda: self.compiled(self.p))
 
 
 def run(args) -> dict[str, Any]:
@@ -130,12 +126,7 @@ def run(args) -> dict[str, Any]:
     rows = executed_rows(p, args.top_k, args.tile)
     impls = [i for i in args.impls.split(",") if not (i == "oracle" and e > args.oracle_max_e)]
     cases = {impl: Case(impl, p, args.top_k, args.tile, args.max_tile) for impl in impls}
-    times: dict[str, list[float]] = {impl: [] for impl in impls}
-    for case in cases.values():
-      case.time()  # Warm-up.
-    for _ in range(args.repeats):  # Interleaved.
-      for impl, case in cases.items():
-        times[impl].append(case.time())
+    times = common.interleaved({impl: case.time for impl, case in cases.items()}, args.repeats)
     active = analytic_flops("dense_ffn", p, args.top_k, rows) + 3.0 * 2 * args.tokens * (
         args.d_model * args.gate_hidden + args.gate_hidden * e)
     for impl, case in cases.items():
@@ -161,8 +152,7 @@ def run(args) -> dict[str, Any]:
       for ref in ("dense_ffn", "oracle", "moe_ragged_dot", "moe_tiled_single"):
         if ref in by:
           s[f"time_moe_tiled_over_{ref}"] = ours["fwd_bwd_ms"] / by[ref]["fwd_bwd_ms"]
-  return {"command": " ".join(["python", "experiments/moe_benchmark.py", *sys.argv[1:]]),
-          "device": jax.devices()[0].device_kind, "records": records, "summary": summary}
+  return {"device": jax.devices()[0].device_kind, "records": records, "summary": summary}
 
 
 def plot(result: dict[str, Any], path: str) -> None:
@@ -209,8 +199,8 @@ def main(argv: list[str]) -> None:
   args = parser.parse_args(argv)
   if args.quick:
     args.tokens, args.repeats, args.experts = 1024, 2, "8,32"
-  result = run(args)
-  report.write(result, args.out, lambda path: plot(result, path))
+  result = {"command": common.command("experiments.moe_benchmark", argv), **run(args)}
+  common.write(result, args.out, lambda path: plot(result, path))
 
 
 if __name__ == "__main__":

@@ -1,17 +1,21 @@
 """GMoE quality: a small MoE against a dense model of equal active parameters, same budget.
 
-Both are configs/tiny.py (D = 128, 4 layers, byte tokens, the Wikipedia excerpt) trained
-with the same data order, steps, seed and learning rate through `train_and_evaluate`:
-  dense       SwiGLU FFN of hidden 512 in every layer
-  moe         E experts, top-k, expert hidden 512 / k (the same active FFN parameters),
-              2-layer MLP gate, Switch load-balancing loss (weight 0.01) and z-loss
-  moe_lossfree  the same MoE balanced by DeepSeek-V3's bias instead of the loss
+Each variant is `--config` (default configs/tiny.py: D = 128, 4 layers, byte tokens, the
+Wikipedia excerpt) plus one config argument, trained with the same data order, steps,
+seed and learning rate through `train_and_evaluate`:
+  dense         the config as given: SwiGLU FFN of hidden 512 in every layer
+  moe           `moe=ExK` (--moe, default 8x2): E experts, top-k, expert hidden 512 / k
+                (the same active FFN parameters), 2-layer MLP gate, Switch
+                load-balancing loss (weight 0.01) and z-loss
+  moe_lossfree  `moe=ExK,lossfree`: the same MoE balanced by DeepSeek-V3's bias instead
+                of the loss
 We report held-out loss, perplexity and bits/byte over the whole validation split, and the
 expert load on the last training steps: the busiest expert's share relative to the mean
 (max over layers; 1 = perfectly even) and the normalised load entropy.
 
-  python experiments/moe_quality.py --out docs/figures/moe_quality.json
-  python experiments/moe_quality.py --quick --out /tmp/moe_quality_quick.json
+  python -m experiments.moe_quality --out docs/figures/moe_quality.json
+  python -m experiments.moe_quality --config configs/tiny.py:steps=300 --moe 16x4 --out /tmp/moe.json
+  python -m experiments.moe_quality --quick --out /tmp/moe_quality_quick.json
 """
 
 from __future__ import annotations
@@ -25,28 +29,23 @@ from typing import Any
 
 import jax
 
-from dsv2_jax import config as config_lib
 from dsv2_jax import info
 from dsv2_jax.train import trainer
+from experiments import common
 
-VARIANTS = ("dense", "moe", "moe_lossfree")
-
-
-def load_tiny(steps: int):
-  tiny = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
-  return config_lib.from_file(tiny, f"steps={steps}")
+VARIANTS = {  # Name -> configs/tiny.py arguments appended to --config ({moe}: --moe).
+    "dense": "",
+    "moe": "moe={moe}",
+    "moe_lossfree": "moe={moe},lossfree",
+}
 
 
 def variant_config(name: str, args):
-  c = load_tiny(args.steps)
+  spec = common.with_args(args.config, VARIANTS[name].format(moe=args.moe), args.quick_args)
+  c = common.load_config(spec, args.overrides["config"])
   c.data.data_dir = args.data_dir
-  c.sample.max_new_tokens = 0
+  c.sample.max_new_tokens = 0  # Protocol: one final eval over the whole split, no sample.
   c.train.update(checkpoint_every=0, eval_every=0)
-  if name != "dense":
-    c.model.moe.update(num_experts=args.experts, top_k=args.top_k, gate_hidden=64,
-                       expert_hidden=c.model.ffn_hidden // args.top_k)
-    if name == "moe_lossfree":
-      c.model.moe.update(aux_loss_weight=0.0, balance_bias_rate=1e-3)
   return c
 
 
@@ -68,19 +67,18 @@ def load_stats(workdir: str, tail: float = 0.1) -> dict[str, float]:
 def main(argv: list[str]) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", required=True)
-  parser.add_argument("--steps", type=int, default=1000)
-  parser.add_argument("--experts", type=int, default=8)
-  parser.add_argument("--top_k", type=int, default=2)
+  common.add_config_flag(parser, "configs/tiny.py")
+  parser.add_argument("--moe", default="8x2", help="EXPERTSxTOP_K of the MoE variants.")
   parser.add_argument("--variants", default=",".join(VARIANTS))
   parser.add_argument("--data_dir", default="~/tensorflow_datasets")
   parser.add_argument("--workdir", default="runs/moe_quality")
   parser.add_argument("--resume", default="",
                       help="A run folder (WORKDIR/TIMESTAMP) whose finished variants are reused.")
-  parser.add_argument("--quick", action="store_true", help="A few steps of each variant.")
-  args = parser.parse_args(argv)
-  if args.quick:
-    args.steps = 20
+  parser.add_argument("--quick", action="store_true", help="20 steps of each variant.")
+  args = common.parse_args(parser, argv)
+  args.quick_args = "steps=20" if args.quick else ""
   args.data_dir = os.path.expanduser(args.data_dir)
+  moe = variant_config("moe", args)  # Steps and experts for the record.
   root = args.resume or os.path.join(args.workdir, time.strftime("%Y%m%d-%H%M%S"))
   results: dict[str, Any] = {}
   for name in args.variants.split(","):
@@ -104,13 +102,12 @@ def main(argv: list[str]) -> None:
   summary = {f"perplexity_ratio_{name}_over_dense": results[name]["perplexity"]
              / results["dense"]["perplexity"] for name in results
              if "dense" in results and name != "dense"}
-  out = {"command": " ".join(["python", "experiments/moe_quality.py", *argv]),
-         "device": jax.devices()[0].device_kind, "steps": args.steps,
-         "experts": args.experts, "top_k": args.top_k, "results": results, "summary": summary}
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(out, f, indent=2)
-  print(json.dumps(out, indent=2)[:3000])
+  out = {"command": common.command("experiments.moe_quality", argv),
+         "device": jax.devices()[0].device_kind, "config": args.config,
+         "config_overrides": args.overrides["config"], "steps": moe.train.steps,
+         "experts": moe.model.moe.num_experts, "top_k": moe.model.moe.top_k, "results": results,
+         "summary": summary}
+  common.write(out, args.out)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Distributed inference (SPEC 3.2): tensor x pipeline parallel generation, side by side.
 
-Generates greedily from the same prompts with configs/tiny.py's model (4 layers, random
-init) on 8 simulated CPU devices under several layouts, and on one device, and records
-per layout:
+Generates greedily from the same prompts with `--config`'s model (default configs/tiny.py:
+4 layers, random init) on 8 simulated CPU devices under several layouts, and on one
+device, and records per layout:
   equal_to_single   the generated tokens equal the single-device run's
   memory            per-device bytes from `memory_analysis` of the compiled generate
                     program (arguments + outputs - aliased + temp)
@@ -16,14 +16,14 @@ per layout:
                     speedup of real accelerators (the article's 1200 -> 380 ms claim
                     needs 8 real accelerators).
 
-  python experiments/parallel_inference.py --out docs/figures/parallel_inference.json
-  python experiments/parallel_inference.py --quick --out /tmp/parallel_inference.json
+  python -m experiments.parallel_inference --out docs/figures/parallel_inference.json
+  python -m experiments.parallel_inference --config configs/tiny.py:moe=8x2 --out /tmp/pi_moe.json
+  python -m experiments.parallel_inference --quick --out /tmp/parallel_inference.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -38,14 +38,13 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dsv2_jax import config as config_lib  # noqa: E402
 from dsv2_jax.infer.generate import generate, init_cache  # noqa: E402
 from dsv2_jax.model.transformer import build_model  # noqa: E402
 from dsv2_jax.parallel import collectives, pipeline, sharding  # noqa: E402
 from dsv2_jax.train.optimizer import build_optimizer  # noqa: E402
 from dsv2_jax.train.state import create_train_state  # noqa: E402
+from experiments import common  # noqa: E402
 
-REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 LAYOUTS = {
     "single": "data=1",
     "tp4_dp2": "data=2,tensor=4",
@@ -60,8 +59,8 @@ class Layout:
 
   def __init__(self, name: str, args):
     self.name = name
-    c = config_lib.from_file(os.path.join(REPO, "configs", "tiny.py"))
-    c.model.update(scan_unroll=1)
+    c = common.load_config(args.config, args.overrides["config"])
+    c.model.update(scan_unroll=1)  # A rolled layer scan, as the pipeline stages run it.
     c.mesh = ml_collections.ConfigDict(sharding.parse_mesh(LAYOUTS[name]))
     devices = jax.devices()[:1] if name == "single" else jax.devices()
     self.mesh = sharding.make_mesh(c.mesh, devices)
@@ -82,9 +81,7 @@ class Layout:
     return np.asarray(self.compiled(self.params, self.prompts, self.rng))
 
   def time_ms(self) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(self.compiled(self.params, self.prompts, self.rng))
-    return 1e3 * (time.perf_counter() - start)
+    return 1e3 * common.timed(lambda: self.compiled(self.params, self.prompts, self.rng))
 
   def decode_step_hlo(self, args) -> str:
     """HLO of one decode step (a token for every row, given a filled cache)."""
@@ -116,16 +113,17 @@ class Layout:
     }
 
 
-def main():
+def main(argv: list[str]) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", required=True)
+  common.add_config_flag(parser, "configs/tiny.py")
   parser.add_argument("--batch", type=int, default=8, help="prompts generated together")
   parser.add_argument("--prompt_len", type=int, default=64)
   parser.add_argument("--new_tokens", type=int, default=32)
   parser.add_argument("--rounds", type=int, default=5, help="timed rounds, interleaved")
   parser.add_argument("--layouts", default=",".join(LAYOUTS))
   parser.add_argument("--quick", action="store_true", help="short prompts, 2 rounds")
-  args = parser.parse_args()
+  args = common.parse_args(parser, argv)
   if args.quick:
     args.prompt_len, args.new_tokens, args.rounds = 16, 8, 2
   names = args.layouts.split(",")
@@ -138,12 +136,8 @@ def main():
     layouts[name] = Layout(name, args)
     print(f"{name}: compiled in {time.perf_counter() - start:.0f} s", flush=True)
   reference = layouts["single"].run()
-  samples = {name: [] for name in layouts}
-  for layout in layouts.values():
-    layout.time_ms()  # Warm up.
-  for _ in range(args.rounds):
-    for name, layout in layouts.items():
-      samples[name].append(layout.time_ms())
+  samples = common.interleaved({name: layout.time_ms for name, layout in layouts.items()},
+                               args.rounds)
 
   records = []
   for name, layout in layouts.items():
@@ -170,15 +164,13 @@ def main():
       "note": ("CPU: the 8 devices are simulated on the same cores; latency ratios show "
                "overheads, not accelerator speedups.") if jax.default_backend() == "cpu"
       else "",
-      "command": " ".join(["python"] + sys.argv), "batch": args.batch,
+      "command": common.command("experiments.parallel_inference", argv),
+      "config": args.config, "config_overrides": args.overrides["config"], "batch": args.batch,
       "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
       "records": records,
   }
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=2)
-  print(f"wrote {args.out}")
+  common.write(result, args.out)
 
 
 if __name__ == "__main__":
-  main()
+  main(sys.argv[1:])

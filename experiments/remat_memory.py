@@ -1,12 +1,12 @@
 """Remat policies: compiled memory, compiled FLOPs and step time of one train step.
 
 For every `model.remat_policy` (SPEC 2.2, dsv2_jax/model/remat.py) this compiles and runs
-one optimizer step of two models:
-  dense     configs/tiny.py at sequence length 1024, batch 2 (the README job's 2,048
-            tokens per step)
-  dsa_moe   the same with DSA attention and a GMoE FFN (8 experts, top-2, expert hidden
+one optimizer step of two models, each `--config` plus config arguments:
+  dense     `--config` (default configs/tiny.py:seq_len=1024,batch_size=2: the README
+            job's 2,048 tokens per step)
+  dsa_moe   the same plus `attention=dsa,moe=8x2` (DSA; 8 experts, top-2, expert hidden
             256: the dense model's active FFN parameters)
-and records, each also as a ratio to `none`:
+with `remat=POLICY` appended, and records, each also as a ratio to `none`:
   temp_bytes  `memory_analysis().temp_size_in_bytes`, layers under nn.scan with
               scan_unroll=1 (a fully unrolled scan lets XLA:CPU schedule the recompute
               early and the saving vanishes; `--unroll` measures that)
@@ -17,17 +17,18 @@ XLA counts a while-loop body once, and the GMoE experts (tiled dispatch) and DSA
 attention run in loops: the dsa_moe and paper FLOPs miss those iterations (LOOP_NOTE).
 The `custom` case keeps the layered names plus V: the price of recomputing V.
 
-`paper` adds the per-device memory of configs/paper_175b.py (bf16, 4,096 tokens per
-sequence) on 8 simulated devices as a tensor-parallel mesh (tensor=8, one sequence per
-replica), from abstract shapes: the parameters and optimizer state per device from their
-shardings; temp memory compiled at 1 and 2 layers and extrapolated linearly to 45 (the
-layers are a scan, so temp memory is affine in depth); FLOPs likewise, from the lowered
-HLO of the unscanned step (within 3% of the compiled count on the small models; compiling
-it is too heavy here). It runs in a subprocess, which simulates the devices.
+`paper` adds the per-device memory of `--paper_config` (configs/paper_175b.py: bf16,
+4,096 tokens per sequence) on 8 simulated devices as a tensor-parallel mesh (tensor=8, one
+sequence per replica), from abstract shapes: the parameters and optimizer state per device
+from their shardings; temp memory compiled at 1 and 2 layers and extrapolated linearly to
+45 (the layers are a scan, so temp memory is affine in depth); FLOPs likewise, from the
+lowered HLO of the unscanned step (within 3% of the compiled count on the small models;
+compiling it is too heavy here). It runs in a subprocess, which simulates the devices.
 
-  python experiments/remat_memory.py --out docs/figures/remat_memory.json
-  python experiments/remat_memory.py --models "" --out docs/figures/remat_memory_paper.json
-  python experiments/remat_memory.py --quick --out /tmp/remat_quick.json
+  python -m experiments.remat_memory --out docs/figures/remat_memory.json
+  python -m experiments.remat_memory --models "" --out docs/figures/remat_memory_paper.json
+  python -m experiments.remat_memory --config configs/tiny.py:seq_len=512,batch_size=4,layers=2 --out /tmp/remat.json
+  python -m experiments.remat_memory --quick --out /tmp/remat_quick.json
 """
 
 from __future__ import annotations
@@ -44,11 +45,8 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-import report  # experiments/report.py (the script's own folder is on sys.path)
-import throughput
 from dsv2_jax import config as config_lib
 from dsv2_jax import plan
 from dsv2_jax.model import remat
@@ -56,12 +54,12 @@ from dsv2_jax.model.transformer import build_model
 from dsv2_jax.parallel import sharding
 from dsv2_jax.train import state as state_lib
 from dsv2_jax.train.optimizer import build_optimizer
-from dsv2_jax.train.step import jit_train_step, train_step
+from experiments import common
 
-REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-POLICIES = ("none", "full", "dots", "layered", "offload", "custom")
+POLICIES = remat.POLICIES
 CUSTOM_NAMES = "value"  # Added to remat.LAYERED for the `custom` case.
-MODELS = ("dense", "dsa_moe")
+MODELS = {"dense": "", "dsa_moe": "attention=dsa,moe=8x2"}  # Config arguments.
+QUICK = "seq_len=256,batch_size=8,layers=2"  # --quick: appended to --config.
 PAPER_DEVICES = 8
 LOOP_NOTE = ("flops: XLA's cost_analysis counts a while-loop body once. The dsa_moe and "
              "paper_175b models run the GMoE expert matmuls (tiled dispatch) and DSA's global "
@@ -69,19 +67,14 @@ LOOP_NOTE = ("flops: XLA's cost_analysis counts a while-loop body once. The dsa_
              "step_ms is the measure of their compute.")
 
 
-def model_config(model: str, policy: str, seq_len: int, num_layers: int, scan: bool,
-                 unroll: int):
-  c = config_lib.from_file(os.path.join(REPO, "configs", "tiny.py"))
-  c.data.update(seq_len=seq_len, batch_size=max(1, 2048 // seq_len))
-  c.model.update(num_layers=num_layers, max_seq_len=seq_len, scan_layers=scan,
-                 scan_unroll=unroll, remat_policy=policy)
+def model_config(args, model: str, policy: str, scan: bool, unroll: int):
+  """`--config` + the model's arguments + `remat=policy`; the layers scanned or written out."""
+  spec = common.with_args(args.config, QUICK if args.quick else "", MODELS[model],
+                          f"remat={policy}")
+  c = common.load_config(spec, args.overrides["config"], validate=False)
+  c.model.update(scan_layers=scan, scan_unroll=unroll)
   if policy == "custom":
     c.model.remat_names = ",".join(remat.LAYERED + (CUSTOM_NAMES,))
-  if model == "dsa_moe":
-    c.model.attention = "dsa"
-    c.model.moe.update(num_experts=8, top_k=2, gate_hidden=64,
-                       expert_hidden=c.model.ffn_hidden // 2)
-  c.train.update(steps=1000, warmup_steps=10)
   config_lib.validate(c)
   return c
 
@@ -104,7 +97,7 @@ class Case:
     self.compiled = lower_step(config, mesh).compile()
     model, tx = build_model(config.model), build_optimizer(config.train)
     self.state, _ = state_lib.create_train_state(model, tx, 0, config.data.seq_len, mesh)
-    self.batch = throughput.random_batch(config, mesh)
+    self.batch = common.random_batch(config, mesh)
 
   def memory(self) -> dict[str, int]:
     m = self.compiled.memory_analysis()
@@ -112,11 +105,14 @@ class Case:
             "host_temp_bytes": int(m.host_temp_size_in_bytes)}
 
   def step_ms(self, steps: int) -> float:
-    start = time.perf_counter()
-    for _ in range(steps):
-      self.state, metrics = self.compiled(self.state, self.batch)
-    jax.block_until_ready((self.state, metrics))
-    return 1e3 * (time.perf_counter() - start) / steps
+    """Milliseconds per step over `steps` consecutive steps (one host sync at the end)."""
+
+    def steps_in_a_row():
+      for _ in range(steps):
+        self.state, metrics = self.compiled(self.state, self.batch)
+      return self.state, metrics
+
+    return 1e3 * common.timed(steps_in_a_row) / steps
 
 
 def unscanned_flops(config, compiled: bool) -> float:
@@ -131,10 +127,11 @@ def measure_models(args) -> list[dict[str, Any]]:
   for model in args.models.split(","):
     for policy in args.policies.split(","):
       start = time.perf_counter()
-      scanned = Case(model_config(model, policy, args.seq_len, args.layers, True, args.unroll))
-      unscanned = model_config(model, policy, args.seq_len, args.layers, False, 1)
-      record = {"model": model, "policy": policy, "seq_len": args.seq_len,
-                "batch_size": scanned.batch["inputs"].shape[0], "num_layers": args.layers,
+      config = model_config(args, model, policy, True, args.unroll)
+      scanned = Case(config)
+      unscanned = model_config(args, model, policy, False, 1)
+      record = {"model": model, "policy": policy, "seq_len": config.data.seq_len,
+                "batch_size": config.data.batch_size, "num_layers": config.model.num_layers,
                 "scan_unroll": args.unroll, **scanned.memory(),
                 "flops": unscanned_flops(unscanned, compiled=not args.quick),
                 "flops_from": "lowered HLO" if args.quick else "compiled",
@@ -146,12 +143,9 @@ def measure_models(args) -> list[dict[str, Any]]:
             flush=True)
       cases[(model, policy)] = scanned
       records.append(record)
-  samples = {key: [] for key in cases}
-  for case in cases.values():
-    case.step_ms(1)  # Warm up.
-  for _ in range(args.rounds):
-    for key, case in cases.items():
-      samples[key].append(case.step_ms(args.steps))
+  samples = common.interleaved(
+      {key: functools.partial(case.step_ms, args.steps) for key, case in cases.items()},
+      args.rounds)
   for record in records:
     times = samples[(record["model"], record["policy"])]
     record["step_ms"] = statistics.median(times)
@@ -172,11 +166,11 @@ def add_ratios(records: list[dict[str, Any]], fields: tuple[str, ...], group: st
 
 # --- paper scale (runs in a subprocess with simulated devices) -------------------------------
 
-def paper_memory(policy: str, num_layers: int, seq_len: int) -> dict[str, Any]:
-  """Per-device bytes of one train step of configs/paper_175b.py on a tensor=8 mesh."""
-  c = config_lib.from_file(os.path.join(REPO, "configs", "paper_175b.py"))
+def paper_memory(spec: str, policy: str, num_layers: int, seq_len: int) -> dict[str, Any]:
+  """Per-device bytes of one train step of the paper config `spec` on a tensor=8 mesh."""
+  c = common.load_config(common.with_args(spec, f"remat={policy}"))
   full_layers = c.model.num_layers
-  c.model.update(num_layers=num_layers, remat_policy=policy, max_seq_len=seq_len)
+  c.model.update(num_layers=num_layers, max_seq_len=seq_len)
   c.data.update(batch_size=1, seq_len=seq_len)
   c.mesh.update(data=1, tensor=PAPER_DEVICES)
   config_lib.validate(c)
@@ -201,14 +195,15 @@ def per_device_bytes(abstract: Any, mesh) -> int:
   return sum(int(np.prod(s.shard_shape(a.shape))) * a.dtype.itemsize for a, s in leaves)
 
 
-def paper_records(policies: list[str], seq_len: int) -> list[dict[str, Any]]:
+def paper_records(spec: str, policies: list[str], seq_len: int) -> list[dict[str, Any]]:
   """Runs `paper_memory` at 1 and 2 layers per policy in a subprocess; extrapolates."""
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={PAPER_DEVICES}")
   records = []
   for policy in policies:
     out = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--paper_part", f"{policy},{seq_len}",
-         "--out", "-"], env=env, check=True, capture_output=True, text=True).stdout
+        [sys.executable, "-m", "experiments.remat_memory", "--paper_config", spec,
+         "--paper_part", f"{policy},{seq_len}", "--out", "-"],
+        env=env, cwd=common.REPO, check=True, capture_output=True, text=True).stdout
     got = {int(k): v for k, v in json.loads(out.strip().splitlines()[-1]).items()}
     full = got[1]["full_layers"]
     at_depth = lambda key: got[1][key] + (full - 1) * (got[2][key] - got[1][key])  # noqa: E731
@@ -272,38 +267,42 @@ def plot(result: dict[str, Any], path: str) -> None:
 def main(argv: list[str]) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", required=True, help="JSON file ('-' for stdout).")
+  common.add_config_flag(parser, "configs/tiny.py:seq_len=1024,batch_size=2",
+                         help_text="The dense model.")
   parser.add_argument("--models", default=",".join(MODELS))
   parser.add_argument("--policies", default=",".join(POLICIES))
-  parser.add_argument("--seq_len", type=int, default=1024)
-  parser.add_argument("--layers", type=int, default=4)
   parser.add_argument("--unroll", type=int, default=1, help="scan_unroll of the scanned step.")
   parser.add_argument("--rounds", type=int, default=5, help="Interleaved timing rounds.")
   parser.add_argument("--steps", type=int, default=3, help="Steps timed per round.")
   parser.add_argument("--paper_policies", default=None,
                       help="Policies for the paper-scale memory (default none,full,dots,"
                       "layered; '' skips it, as --quick does).")
+  parser.add_argument("--paper_config", default="configs/paper_175b.py", metavar="FILE[:args]")
   parser.add_argument("--paper_seq_len", type=int, default=4096)
   parser.add_argument("--quick", action="store_true",
-                      help="none and layered at 256 tokens, 2 layers, 1 round, FLOPs from "
-                      "the lowered HLO; no paper scale (< 2 min).")
+                      help=f"none and layered with {QUICK} appended to --config, 1 round, "
+                      "FLOPs from the lowered HLO; no paper scale (< 2 min).")
   parser.add_argument("--paper_part", help=argparse.SUPPRESS)  # Internal: policy,seq_len.
-  args = parser.parse_args(argv)
+  args = common.parse_args(parser, argv)
   if args.paper_part:
     policy, seq_len = args.paper_part.split(",")
-    print(json.dumps({layers: paper_memory(policy, layers, int(seq_len)) for layers in (1, 2)}))
+    print(json.dumps({layers: paper_memory(args.paper_config, policy, layers, int(seq_len))
+                      for layers in (1, 2)}))
     return
   if args.quick:
-    args.seq_len, args.layers, args.rounds, args.steps = 256, 2, 1, 1
+    args.rounds, args.steps = 1, 1
     args.policies = "none,layered"
   if args.paper_policies is None:
     args.paper_policies = "" if args.quick else "none,full,dots,layered"
   records = measure_models(args) if args.models else []
   if args.paper_policies:
-    records += paper_records(args.paper_policies.split(","), args.paper_seq_len)
-  result = {"command": " ".join(["python", "experiments/remat_memory.py", *argv]),
-            "device": jax.devices()[0].device_kind, "notes": [LOOP_NOTE], "records": records,
-            "summary": summarise(records)}
-  report.write(result, args.out, lambda path: plot(result, path))
+    records += paper_records(args.paper_config, args.paper_policies.split(","),
+                             args.paper_seq_len)
+  result = {"command": common.command("experiments.remat_memory", argv),
+            "device": jax.devices()[0].device_kind, "config": args.config,
+            "config_overrides": args.overrides["config"], "notes": [LOOP_NOTE],
+            "records": records, "summary": summarise(records)}
+  common.write(result, args.out, lambda path: plot(result, path))
 
 
 if __name__ == "__main__":

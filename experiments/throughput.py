@@ -6,26 +6,26 @@ convention) and the peak is a large square matmul timed in the same process, in
 the same dtype (bf16 inputs accumulate in f32). Compared cases are interleaved and
 repeated, because this CPU's speed drifts over minutes.
 
-Shapes:
-  reference  the Llama-like shape of issue 2: vocab 256, width 256, 4 layers, 4 heads,
-             FFN 1024, sequence 256, batch 8 (SwiGLU, RMSNorm, RoPE, untied head).
-  tiny       configs/tiny.py (the README's main job).
+The model is `--config FILE[:args]` (plus `--config.a.b=v` overrides). The default is the
+Llama-like reference shape of issue 2, configs/tiny.py at width 256: 4 layers, 4 heads,
+FFN 1024, sequence 256, batch 8 (SwiGLU, RMSNorm, RoPE, untied head);
+`--config configs/tiny.py` measures the README's main job.
 
 Peer (when importable): PyTorch + HF transformers' LlamaForCausalLM with the same
 shape, AdamW and clipping, same FLOP formula and a torch-measured peak.
 
-  python experiments/throughput.py --out docs/figures/throughput.json
-  python experiments/throughput.py --quick --out /tmp/throughput.json
+  python -m experiments.throughput --out docs/figures/throughput.json
+  python -m experiments.throughput --config configs/tiny.py --out /tmp/throughput_tiny.json
+  python -m experiments.throughput --quick --out /tmp/throughput.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import os
 import statistics
 import sys
-import time
 from typing import Any, Callable
 
 import jax
@@ -39,35 +39,18 @@ from dsv2_jax.parallel import sharding
 from dsv2_jax.train.optimizer import build_optimizer
 from dsv2_jax.train.state import create_train_state
 from dsv2_jax.train.step import jit_train_step
+from experiments import common
 
-REFERENCE = dict(vocab_size=256, d_model=256, num_layers=4, num_heads=4, ffn_hidden=1024,
-                 seq_len=256, batch_size=8)
+REFERENCE = "configs/tiny.py:width=256,seq_len=256,batch_size=8"  # Issue 2's shape.
 
 
-def shape_config(shape: str, dtype: str) -> Any:
-  if shape == "reference":
-    c = config_lib.default_config()
-    r = REFERENCE
-    c.model.update(vocab_size=r["vocab_size"], d_model=r["d_model"], num_layers=r["num_layers"],
-                   num_heads=r["num_heads"], ffn_hidden=r["ffn_hidden"], max_seq_len=r["seq_len"],
-                   scan_unroll=r["num_layers"])  # The CPU setting of configs/tiny.py.
-    c.data.update(seq_len=r["seq_len"], batch_size=r["batch_size"])
-  else:
-    c = config_lib.from_file(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"))
+def with_dtype(config, dtype: str):
+  """The config with compute dtype `dtype`, its LR schedule past warmup (steps time alike)."""
+  c = config.copy_and_resolve_references()
   c.model.dtype = dtype
   c.train.update(warmup_steps=10, steps=10_000)
   config_lib.validate(c)
   return c
-
-
-def best_time(fn: Callable[[], Any], repeats: int) -> float:
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return min(times)
 
 
 def jax_peak_flops(dtype: str, n: int = 2048, repeats: int = 5) -> float:
@@ -76,18 +59,8 @@ def jax_peak_flops(dtype: str, n: int = 2048, repeats: int = 5) -> float:
   a = jnp.asarray(np.random.RandomState(0).randn(n, n), dt)
   b = jnp.asarray(np.random.RandomState(1).randn(n, n), dt)
   matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-  seconds = best_time(lambda: matmul(a, b).block_until_ready(), repeats)
+  seconds = common.best_time(lambda: matmul(a, b), repeats)
   return 2.0 * n ** 3 / seconds
-
-
-def random_batch(config, mesh) -> dict[str, jax.Array]:
-  """One batch of the config's shape: uniform random bytes, every token weighted."""
-  b, t = config.data.batch_size, config.data.seq_len
-  rng = np.random.RandomState(0)
-  return sharding.put_batch({
-      "inputs": rng.randint(0, 256, (b, t)).astype(np.int32),
-      "targets": rng.randint(0, 256, (b, t)).astype(np.int32),
-      "weights": np.ones((b, t), np.float32)}, mesh)
 
 
 class JaxStep:
@@ -99,16 +72,18 @@ class JaxStep:
     model, tx = build_model(config.model), build_optimizer(config.train)
     self.state, shardings = create_train_state(model, tx, 0, config.data.seq_len, mesh)
     self.step = jit_train_step(model, tx, mesh, shardings)
-    self.batch = random_batch(config, mesh)
+    self.batch = common.random_batch(config, mesh)
     self.run(2)  # Compile and warm up.
 
   def run(self, steps: int) -> float:
     """Seconds per step over `steps` consecutive steps (one host sync at the end)."""
-    start = time.perf_counter()
-    for _ in range(steps):
-      self.state, metrics = self.step(self.state, self.batch)
-    jax.block_until_ready((self.state, metrics))
-    return (time.perf_counter() - start) / steps
+
+    def steps_in_a_row():
+      for _ in range(steps):
+        self.state, metrics = self.step(self.state, self.batch)
+      return self.state, metrics
+
+    return common.timed(steps_in_a_row) / steps
 
 
 class TorchLlamaStep:
@@ -148,54 +123,46 @@ class TorchLlamaStep:
     return loss
 
   def run(self, steps: int) -> float:
-    start = time.perf_counter()
-    for _ in range(steps):
-      loss = self._step()
-    float(loss.detach())
-    return (time.perf_counter() - start) / steps
+    """Seconds per step over `steps` consecutive steps (torch on CPU runs eagerly)."""
+    return common.timed(lambda: [self._step() for _ in range(steps)][-1].item()) / steps
 
   def peak_flops(self, n: int = 2048, repeats: int = 5) -> float:
     torch = self.torch
     a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2.0 * n ** 3 / best_time(lambda: torch.mm(a, b), repeats)
-
-
-def torch_available() -> bool:
-  try:
-    import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-    import transformers  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-    return True
-  except ImportError:
-    return False
+    return 2.0 * n ** 3 / common.best_time(lambda: torch.mm(a, b), repeats)
 
 
 def main(argv: list[str]) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", required=True, help="JSON output file.")
-  parser.add_argument("--shape", default="reference", choices=["reference", "tiny"])
+  parser.add_argument("--out", required=True, help="JSON output file ('-' for stdout).")
+  common.add_config_flag(parser, REFERENCE)
   parser.add_argument("--dtypes", default="float32,bfloat16")
   parser.add_argument("--repeats", type=int, default=5, help="Interleaved rounds.")
   parser.add_argument("--steps", type=int, default=10, help="Steps timed per round.")
   parser.add_argument("--no_torch", action="store_true", help="Skip the PyTorch peer.")
   parser.add_argument("--quick", action="store_true", help="2 rounds of 3 steps (~1 min).")
-  args = parser.parse_args(argv)
+  args = common.parse_args(parser, argv)
   if args.quick:
     args.repeats, args.steps = 2, 3
+  base = common.load_config(args.config, args.overrides["config"])
 
   cases: dict[str, tuple[Any, Callable[[], float], Any]] = {}
   for dtype in args.dtypes.split(","):
-    config = shape_config(args.shape, dtype)
+    config = with_dtype(base, dtype)
     cases[f"dsv2_jax/{dtype}"] = (JaxStep(config), lambda d=dtype: jax_peak_flops(d), config)
-  if not args.no_torch and torch_available() and "float32" in args.dtypes:
-    config = shape_config(args.shape, "float32")
+  if (not args.no_torch and common.peer_available("torch", "transformers")
+      and "float32" in args.dtypes):
+    config = with_dtype(base, "float32")
     peer = TorchLlamaStep(config)  # Same shape; torch has no scan to unroll.
     cases["torch_hf_llama/float32"] = (peer, peer.peak_flops, config)
 
-  samples: dict[str, list[tuple[float, float]]] = {name: [] for name in cases}
-  for _ in range(args.repeats):  # Interleave every case in each round.
-    for name, (runner, peak_fn, _) in cases.items():
-      peak = peak_fn()
-      samples[name].append((runner.run(args.steps), peak))
+  def peak_then_steps(runner, peak_fn) -> tuple[float, float]:
+    peak = peak_fn()  # Measured beside each case's steps: the peak drifts with the machine.
+    return runner.run(args.steps), peak
+
+  samples = common.interleaved(  # Cases compiled and warmed up above.
+      {name: functools.partial(peak_then_steps, runner, peak_fn)
+       for name, (runner, peak_fn, _) in cases.items()}, args.repeats, warmup=False)
 
   records = []
   for name, (_, _, config) in cases.items():
@@ -205,7 +172,7 @@ def main(argv: list[str]) -> None:
     mfus = [tokens * per_token / step / peak for step, peak in samples[name]]
     step_s = statistics.median(s for s, _ in samples[name])
     records.append({
-        "impl": impl, "dtype": dtype, "shape": args.shape,
+        "impl": impl, "dtype": dtype, "config": args.config,
         "batch_size": config.data.batch_size, "seq_len": config.data.seq_len,
         "step_ms": 1e3 * step_s,
         "tokens_per_s": tokens / step_s,
@@ -222,10 +189,8 @@ def main(argv: list[str]) -> None:
     print(f"{r['impl']:>16} {r['dtype']:>8}: {r['step_ms']:8.1f} ms/step  "
           f"{r['tokens_per_s']:9,.0f} tok/s  peak {r['peak_flops'] / 1e9:7.1f} GFLOP/s  "
           f"MFU {100 * r['mfu']:5.1f}%")
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump({"command": " ".join(["python", "experiments/throughput.py", *argv]),
-               "records": records}, f, indent=2)
+  common.write({"command": common.command("experiments.throughput", argv),
+                "config_overrides": args.overrides["config"], "records": records}, args.out)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import pytest
 
 from dsv2_jax import config as config_lib
 from dsv2_jax.train import trainer
-from tests.conftest import REPO, tiny_config
+from tests.helpers import REPO, tiny_config
 
 BAD = [
     ("model.num_heads", 5, r"model.num_heads=5 does not divide model.d_model=32"),
@@ -52,6 +52,36 @@ def test_vocab_smaller_than_tokenizer_is_rejected(tmp_path):
 def test_shipped_configs_validate():
   for path in sorted((REPO / "configs").glob("*.py")):
     config_lib.validate(config_lib.from_file(path))
+
+
+def test_tiny_config_ablations_are_combinable_arguments():
+  tiny = str(REPO / "configs" / "tiny.py")
+  base = config_lib.from_file(tiny)
+  c = config_lib.from_file(tiny, "attention=dsa,moe=8x2,remat=layered,steps=100")
+  config_lib.validate(c)
+  m = c.model
+  assert (m.attention, m.remat_policy, m.scan_unroll, c.train.steps) == ("dsa", "layered", 1, 100)
+  # moe=ExK: E experts, top-k, each of hidden FFN / k: the dense model's active FFN size.
+  assert (m.moe.num_experts, m.moe.top_k, m.moe.expert_hidden) == (8, 2, base.model.ffn_hidden // 2)
+  assert (base.model.attention, base.model.moe.num_experts, base.model.remat_policy) == (
+      "dense", 0, "none")
+  c = config_lib.from_file(tiny, "moe=4x1,lossfree,attention=dsa,dsa_score=random,"
+                                 "dsa_budget=fixed:4,dsa_window=16,width=64,layers=2")
+  config_lib.validate(c)
+  assert (c.model.moe.aux_loss_weight, c.model.moe.balance_bias_rate) == (0.0, 1e-3)
+  assert c.model.dsa.to_dict() == dict(base.model.dsa, window=16, block=16, score="random",
+                                       budget="fixed", budget_value=4.0)
+  assert (c.model.d_model, c.model.ffn_hidden, c.model.num_layers) == (64, 256, 2)
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("moe=8", "moe='8' must be EXPERTSxTOP_K"),
+    ("dsa_budget=4", "dsa_budget='4' must be KIND:VALUE"),
+    ("atention=dsa", "'atention' is unknown"),
+])
+def test_bad_config_arguments_name_the_fix(arg, message):
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.from_file(REPO / "configs" / "tiny.py", arg)
 
 
 def test_config_arg_string_parses_typed_values():

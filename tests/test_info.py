@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from dsv2_jax import config as config_lib
 from dsv2_jax import info
-from tests.conftest import REPO
+from tests.helpers import REPO, small_config
 
 
 def small(**moe):
-  c = config_lib.default_config()
-  c.model.update(d_model=16, num_layers=4, num_heads=2, ffn_hidden=32, max_seq_len=32)
-  c.data.seq_len = 32
-  c.model.moe.update(moe)
-  return c
+  return small_config(d_model=16, num_layers=4, num_heads=2, ffn_hidden=32, max_seq_len=32,
+                      moe=moe)
 
 
 def test_dense_model_is_fully_active():

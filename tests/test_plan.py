@@ -9,7 +9,6 @@ import sys
 
 import flax.linen as nn
 import jax
-import ml_collections
 import pytest
 
 from dsv2_jax import config as config_lib
@@ -18,18 +17,11 @@ from dsv2_jax.model.transformer import build_model
 from dsv2_jax.parallel import sharding
 from dsv2_jax.train.optimizer import build_optimizer
 from dsv2_jax.train.state import abstract_state
-from tests.conftest import REPO
-
-
-def small_config() -> ml_collections.ConfigDict:
-  c = config_lib.default_config()
-  c.model.update(d_model=64, num_layers=4, num_heads=4, ffn_hidden=256, max_seq_len=64)
-  c.data.update(seq_len=64, batch_size=8)
-  return c
+from tests.helpers import REPO, small_config
 
 
 def test_state_bytes_follow_the_shardings():
-  c = small_config()
+  c = small_config(d_model=64, num_layers=4, ffn_hidden=256)  # 64 tokens, 8 rows.
   state = nn.meta.unbox(abstract_state(build_model(c.model), build_optimizer(c.train), 64))
   whole = plan.state_bytes_per_device(c, sharding.parse_mesh("data=1"))
   assert whole["params"] == 4 * sum(x.size for x in jax.tree.leaves(state.params))
@@ -60,11 +52,11 @@ def test_paper_scale_state_on_thousands_of_devices_needs_no_devices():
 ], ids=["fsdp_tp", "ep_pipeline"])
 def test_plan_agrees_with_whole_compile_within_10_percent(layouts):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, str(REPO / "tests" / "plan_check.py"),
+  proc = subprocess.run([sys.executable, "-m", "experiments.plan_vs_compile",
                          json.dumps(layouts)], capture_output=True, text=True, env=env,
                         cwd=REPO, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  out = json.loads(proc.stdout)
+  out = json.loads(proc.stdout)["cases"]
   assert len(out) == len(layouts)
   for case, r in out.items():
     assert 0.9 <= r["ratio"] <= 1.1, (case, r)

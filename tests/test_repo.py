@@ -6,7 +6,7 @@ import ast
 import json
 import re
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def readme_commands() -> list[str]:

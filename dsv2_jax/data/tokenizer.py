@@ -95,10 +95,13 @@ class SentencePieceTokenizer(Tokenizer):
     return self._num_bytes
 
 
+TOKENIZERS = ("byte", "sentencepiece")  # The choices of `data.tokenizer`.
+
+
 def get_tokenizer(kind: str, model_path: str = "") -> Tokenizer:
   """Builds the tokenizer named by `data.tokenizer`."""
   if kind == "byte":
     return ByteTokenizer()
   if kind == "sentencepiece":
     return SentencePieceTokenizer(model_path)
-  raise ValueError(f"unknown tokenizer {kind!r}; use 'byte' or 'sentencepiece'.")
+  raise ValueError(f"unknown tokenizer {kind!r}; use one of {list(TOKENIZERS)}.")

@@ -45,7 +45,7 @@ def sample_token(logits: jax.Array, rng: jax.Array, temperature: float, top_k: i
 def generate(model: nn.Module, params: Any, prompt: jax.Array, rng: jax.Array, *,
              max_new_tokens: int, temperature: float = 0.8, top_k: int = 40,
              mesh: Mesh | None = None) -> jax.Array:
-  """Continues `prompt` (int32 [B, P]) by `max_new_tokens` tokens -> int32 [B, new].
+  """Continues `prompt` (int32 [B, T]) by `max_new_tokens` tokens -> int32 [B, new].
 
   With a `mesh`, the model runs under its activation rules: tensor-parallel heads and
   FFN, and, when the mesh has stages, the pipelined stack (`parallel.pipeline`).

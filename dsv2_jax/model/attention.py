@@ -1,14 +1,14 @@
 """Causal multi-head attention with RoPE, grouped-query heads and a decode KV cache.
 
-`model.attention` picks the kernel behind the projections: 'dense' is XLA's
-`jax.nn.dot_product_attention` (the reference every sparse variant is tested
-against); 'dsa' is dynamic sparse attention (`dsa.py`); 'sliding_window' is DSA
-with a global budget of 0. Decoding writes keys/values (and, for DSA, each token's
-importance score) into the 'cache' collection and attends the new queries to the
-cache under the same mask as a full forward pass.
+`model.attention` (one of `ATTENTIONS`) picks the kernel behind the projections:
+'dense' is XLA's `jax.nn.dot_product_attention`; 'dsa' is dynamic sparse attention
+(`dsa.py`, tested against its oracle `dsa_reference.py`, which runs `masked_attention`
+here); 'sliding_window' is DSA with a global budget of 0. Decoding writes keys/values
+(and, for DSA, each token's importance score) into the 'cache' collection and attends
+the new queries to the cache under the same mask as a full forward pass.
 
 Shapes follow the repo alphabet (see `dsv2_jax.model`): q [B, T, N, H],
-k/v [B, S, K, H], N a multiple of K.
+k/v [B, S, K, H], N = K G.
 """
 
 from __future__ import annotations
@@ -20,11 +20,10 @@ from jax.ad_checkpoint import checkpoint_name
 import ml_collections
 
 from dsv2_jax.model import dsa
-from dsv2_jax.model.layers import Einsum, dtype_of
+from dsv2_jax.model.layers import MASK_VALUE, Einsum, dtype_of
 from dsv2_jax.model.rope import apply_rope
 
-# Large finite negative for masked logits: -inf gives NaN gradients on empty rows.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+ATTENTIONS = ("dense", "sliding_window", "dsa")  # `model.attention`.
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:

@@ -1,7 +1,7 @@
 """Dynamic sparse attention (DSA): a causal local window plus score-selected global tokens.
 
-The article's DSA (SPEC 1.1): `softmax(QK^T / sqrt(d) (.) M) V`, where each layer
-builds its own mask M from a local window and a set of globally important tokens
+The article's DSA (SPEC 1.1): `softmax(QK^T / sqrt(d) (.) mask) V`, where each layer
+builds its own mask from a local window and a set of globally important tokens
 chosen by an entropy-based score. `docs/dsa.md` states the semantics in full; in short,
 with W = `window`, P = `block` (P <= W + 1), block u holding positions [uP, uP + P):
 
@@ -9,22 +9,23 @@ with W = `window`, P = `block` (P <= W + 1), block u holding positions [uP, uP +
   eligible block u may select among positions j <= (u + 1)P - 1 - W. Since P <= W + 1,
            these are all < uP: the selection never reads a score of the block's own
            positions or later, so it is causal.
-  budget   block u selects M_u = min(budget((u + 1)P), #eligible) tokens with the highest
-           scores: `fraction` p -> ceil(p L), `log` c -> ceil(c log2 L), `fixed` c -> c,
-           where L = (u + 1)P is the sequence length up to the block's end.
+  budget   block u selects M_u = min(budget(n_u), #eligible) tokens with the highest
+           scores: `fraction` p -> ceil(p n_u), `log` c -> ceil(c log2 n_u), `fixed`
+           c -> c, where n_u = (u + 1)P is the sequence length up to the block's end.
   global   query t also attends the selected tokens j <= t - W (the rest are already in
-           its window), so M_tj = [t - W < j <= t] or [j in S_u and j <= t - W].
+           its window), so mask[t, j] = [t - W < j <= t] or [j in S_u and j <= t - W].
   score    one scalar per token, from the layer's own activations (see `token_scores`).
 
 With budget 0 this is sliding-window attention; selecting every eligible token gives
-dense causal attention. The fast path (`dsa_attention`) never builds an n x n tensor:
+dense causal attention. The fast path (`dsa_attention`) never builds a [T, S] tensor:
 the local part is blocked ([U, P, 2P] logits), the global part gathers M keys per block
 inside a loop with its own VJP (`dsa_global.py`), and the two are merged exactly with
-log-sum-exp. `dsa_reference` builds M explicitly and runs dense masked attention: the
-test oracle, small n only.
+log-sum-exp. The test oracle, `dsa_reference.py`, builds the mask explicitly and runs
+dense masked attention (small T only).
 
-Shapes: q [B, T, N, H]; k, v [B, T, K, H] with N = K * R (grouped-query heads);
-U blocks of P tokens; M selected tokens per block.
+Shapes (the repo alphabet, see `dsv2_jax.model`): q [B, T, N, H]; k, v [B, T, K, H]
+with N = K G (grouped-query heads); U blocks of P tokens, Tp = U P; M selection slots
+per block.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from dsv2_jax.model import dsa_global
+from dsv2_jax.model.layers import MASK_VALUE
 
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 SCORES = ("entropy", "low_entropy", "key_norm", "random")
 BUDGETS = ("fraction", "log", "fixed")
 
@@ -149,7 +150,8 @@ class Selection(NamedTuple):
     return jnp.where(self.budget[None, :] > 0, val, jnp.inf), pos
 
 
-def _budgets(spec: DSASpec, num_blocks_: int) -> jax.Array:
+def block_budgets(spec: DSASpec, num_blocks_: int) -> jax.Array:
+  """int32 [U]: the budget of each of `num_blocks_` blocks."""
   return budget_at(spec, (jnp.arange(num_blocks_) + 1) * spec.block)
 
 
@@ -182,27 +184,15 @@ def select_global(spec: DSASpec, scores: jax.Array, slots: int) -> Selection:
   init = (jnp.full((b, slots), -jnp.inf, jnp.float32), jnp.zeros((b, slots), jnp.int32))
   _, (vals, idx) = jax.lax.scan(step, init, (new_vals, new_idx))
   vals, idx = vals.transpose(1, 0, 2), idx.transpose(1, 0, 2)  # [B, U, M]
-  return Selection(jnp.where(vals > -jnp.inf, idx, 0), vals, _budgets(spec, u_blocks))
-
-
-def select_global_reference(spec: DSASpec, scores: jax.Array, slots: int) -> Selection:
-  """The same selection by a direct top-k over each block's eligible prefix (oracle)."""
-  b, tp = scores.shape
-  u_blocks = tp // spec.block
-  last_eligible = (jnp.arange(u_blocks) + 1) * spec.block - 1 - spec.window  # [U]
-  eligible = jnp.arange(tp)[None, :] <= last_eligible[:, None]  # [U, Tp]
-  masked = jnp.where(eligible[None], scores[:, None, :], -jnp.inf)  # [B, U, Tp]
-  vals, idx = jax.lax.top_k(masked, slots)
-  idx = jnp.where(vals > -jnp.inf, idx, 0).astype(jnp.int32)
-  return Selection(idx, vals, _budgets(spec, u_blocks))
+  return Selection(jnp.where(vals > -jnp.inf, idx, 0), vals, block_budgets(spec, u_blocks))
 
 
 # --- local part ---------------------------------------------------------------------------
-# The fast path runs head-major: q [B, K, R, T, H], k/v [B, K, T, H], so that every
+# The fast path runs head-major: q [B, K, G, T, H], k/v [B, K, T, H], so that every
 # per-block matmul has its batch dimensions leading and needs no transpose.
 
 def to_head_major(q: jax.Array, k: jax.Array, v: jax.Array, length: int):
-  """[B, T, N, H] / [B, T, K, H] -> f32 [B, K, R, Tp, H] / [B, K, Tp, H], zero-padded."""
+  """[B, T, N, H] / [B, T, K, H] -> f32 [B, K, G, Tp, H] / [B, K, Tp, H], zero-padded."""
   b, t, n, h = q.shape
   kh = k.shape[2]
   pad = lambda x: jnp.pad(x.astype(jnp.float32), ((0, 0), (0, length - t), (0, 0), (0, 0)))  # noqa: E731
@@ -219,17 +209,17 @@ def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int, block
   the softmax runs over the pieces jointly, so no key span is ever copied.
 
   Args:
-    q: f32 [B, K, R, Tp, H]; k, v: f32 [B, K, Tp, H]; Tp a multiple of `block`.
+    q: f32 [B, K, G, Tp, H]; k, v: f32 [B, K, Tp, H]; Tp a multiple of `block`.
 
   Returns:
-    out [B, K, R, Tp, H] (normalised), lse [B, K, R, Tp], entropy [B, Tp] (mean over
+    out [B, K, G, Tp, H] (normalised), lse [B, K, G, Tp], entropy [B, Tp] (mean over
     heads, nats).
   """
-  b, kh, r, t, h = q.shape
+  b, kh, g, t, h = q.shape
   p = block
   u_blocks = t // p
   before = -(-(window - 1) // p)  # Earlier blocks a query's window can reach.
-  qb = q.reshape(b, kh, r, u_blocks, p, h)
+  qb = q.reshape(b, kh, g, u_blocks, p, h)
   kb, vb = k.reshape(b, kh, u_blocks, p, h), v.reshape(b, kh, u_blocks, p, h)
   shift = lambda x, i: jnp.pad(x, ((0, 0), (0, 0), (i, 0), (0, 0), (0, 0)))[:, :, :u_blocks]  # noqa: E731
   query_pos = jnp.arange(p)[:, None]
@@ -238,20 +228,20 @@ def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int, block
     rel = i * p + query_pos - jnp.arange(p)[None, :]  # t - j, [P, P]
     ok = (rel >= 0) & (rel < window)
     ok = ok[None] & (jnp.arange(u_blocks) >= i)[:, None, None]  # [U, P, P]
-    piece = jnp.einsum("BKRUPH,BKUSH->BKRUPS", qb, shift(kb, i)) / math.sqrt(h)
+    piece = jnp.einsum("BKGUPH,BKUSH->BKGUPS", qb, shift(kb, i)) / math.sqrt(h)
     logits.append(jnp.where(ok, piece, MASK_VALUE))
     values.append(shift(vb, i))
   m = functools.reduce(jnp.maximum, [jnp.max(x, axis=-1, keepdims=True) for x in logits])
   e = [jnp.exp(x - m) for x in logits]
   l = sum(jnp.sum(x, axis=-1, keepdims=True) for x in e)
-  out = sum(jnp.einsum("BKRUPS,BKUSH->BKRUPH", x, y) for x, y in zip(e, values)) / l
-  lse = (m + jnp.log(l))[..., 0]  # [B, K, R, U, P]
+  out = sum(jnp.einsum("BKGUPS,BKUSH->BKGUPH", x, y) for x, y in zip(e, values)) / l
+  lse = (m + jnp.log(l))[..., 0]  # [B, K, G, U, P]
   # Entropy = lse - E_p[logit]; masked logits have p = 0 (exp underflows), so they add 0.
-  mean_logit = sum(jnp.einsum("BKRUPS,BKRUPS->BKRUP", jax.lax.stop_gradient(x),
+  mean_logit = sum(jnp.einsum("BKGUPS,BKGUPS->BKGUP", jax.lax.stop_gradient(x),
                               jnp.maximum(y, -1e30)) for x, y in zip(e, logits))
   entropy = jax.lax.stop_gradient(lse - mean_logit / l[..., 0])
   entropy = jnp.mean(entropy, axis=(1, 2)).reshape(b, t)
-  return out.reshape(b, kh, r, t, h), lse.reshape(b, kh, r, t), entropy
+  return out.reshape(b, kh, g, t, h), lse.reshape(b, kh, g, t), entropy
 
 
 # --- the fast path ------------------------------------------------------------------------
@@ -294,7 +284,7 @@ def _global_part(qh, kh_, vh, scores, selection: Selection, spec: DSASpec):
 def dsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: DSASpec,
                   positions: jax.Array | None = None, scores: jax.Array | None = None,
                   return_scores: bool = False):
-  """DSA without any n x n tensor. q [B,T,N,H], k/v [B,T,K,H] -> [B,T,N,H].
+  """DSA without any [T, S] tensor. q [B,T,N,H], k/v [B,T,K,H] -> [B,T,N,H].
 
   Args:
     positions: int [B, T] (for the `random` score); defaults to 0..T-1.
@@ -325,55 +315,6 @@ def dsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: DSASpec,
   return (out, scores) if return_scores else out
 
 
-# --- the reference ------------------------------------------------------------------------
-
-def dsa_mask(spec: DSASpec, scores: jax.Array) -> jax.Array:
-  """The explicit mask M, bool [B, T, T]: M[b, t, j] = query t may attend key j."""
-  b, t = scores.shape
-  tp = num_blocks(spec, t) * spec.block
-  padded = jnp.pad(scores, ((0, 0), (0, tp - t)), constant_values=-jnp.inf)
-  slots = max_budget(spec, tp)
-  qpos = jnp.arange(t)[:, None]
-  kpos = jnp.arange(t)[None, :]
-  local = (kpos <= qpos) & (kpos > qpos - spec.window)  # [T, T]
-  mask = jnp.broadcast_to(local, (b, t, t))
-  if slots > 0:
-    selection = select_global_reference(spec, padded, slots)
-    idx, valid = selection.idx, selection.valid()  # [B, U, M]
-    chosen = jnp.zeros((b, tp // spec.block, tp), jnp.int32)
-    chosen = jax.vmap(jax.vmap(lambda c, i, ok: c.at[i].add(ok.astype(jnp.int32))))(
-        chosen, idx, valid) > 0  # [B, U, Tp]
-    per_query = chosen[:, jnp.arange(t) // spec.block, :t]  # [B, T, T]
-    mask = mask | (per_query & (kpos <= qpos - spec.window)[None])
-  return mask
-
-
-def reference_local_entropy(q: jax.Array, k: jax.Array, window: int) -> jax.Array:
-  """Mean-over-heads entropy of each query's local attention, from dense logits."""
-  b, t, n, h = q.shape
-  kh = k.shape[2]
-  qg = q.astype(jnp.float32).reshape(b, t, kh, n // kh, h)
-  logits = jnp.einsum("BTKRH,BSKH->BKRTS", qg, k.astype(jnp.float32)) / math.sqrt(h)
-  qpos, kpos = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
-  local = (kpos <= qpos) & (kpos > qpos - window)
-  logp = jax.nn.log_softmax(jnp.where(local, logits, MASK_VALUE), axis=-1)
-  ent = -jnp.sum(jnp.where(local, jnp.exp(logp) * logp, 0.0), axis=-1)  # [B, K, R, T]
-  return ent.mean(axis=(1, 2))
-
-
-def dsa_reference(q: jax.Array, k: jax.Array, v: jax.Array, spec: DSASpec,
-                  positions: jax.Array | None = None, scores: jax.Array | None = None
-                  ) -> jax.Array:
-  """Oracle: build M explicitly and run dense masked softmax attention (small T only)."""
-  from dsv2_jax.model.attention import masked_attention  # pylint: disable=g-import-not-at-top
-  b, t = q.shape[:2]
-  if positions is None:
-    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-  if scores is None:
-    scores = token_scores(spec, reference_local_entropy(q, k, spec.window), k, positions)
-  return masked_attention(q, k, v, dsa_mask(spec, scores.astype(jnp.float32)))
-
-
 # --- decoding with a KV cache -------------------------------------------------------------
 
 def cached_local_entropy(q: jax.Array, keys: jax.Array, positions: jax.Array,
@@ -382,17 +323,17 @@ def cached_local_entropy(q: jax.Array, keys: jax.Array, positions: jax.Array,
   b, t, n, h = q.shape
   kh = keys.shape[2]
   qg = q.astype(jnp.float32).reshape(b, t, kh, n // kh, h)
-  logits = jnp.einsum("BTKRH,BSKH->BKRTS", qg, keys.astype(jnp.float32)) / math.sqrt(h)
+  logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, keys.astype(jnp.float32)) / math.sqrt(h)
   slots = jnp.arange(keys.shape[1])[None, None, :]
   pos = positions[:, :, None]
   local = ((slots <= pos) & (slots > pos - window))[:, None, None]  # [B, 1, 1, T, S]
   logp = jax.nn.log_softmax(jnp.where(local, logits, MASK_VALUE), axis=-1)
-  ent = -jnp.sum(jnp.where(local, jnp.exp(logp) * logp, 0.0), axis=-1)  # [B, K, R, T]
+  ent = -jnp.sum(jnp.where(local, jnp.exp(logp) * logp, 0.0), axis=-1)  # [B, K, G, T]
   return ent.mean(axis=(1, 2))
 
 
 def cached_mask(spec: DSASpec, scores: jax.Array, positions: jax.Array) -> jax.Array:
-  """M for new queries at `positions` [B, T] over a cache of S slots -> bool [B, T, S].
+  """The mask of new queries at `positions` [B, T] over a cache of S slots -> bool [B, T, S].
 
   `scores` [B, S] must already hold the scores of every position up to the queries.
   """

@@ -4,23 +4,24 @@ Block u's queries [uP, uP + P) attend the tokens of S_u (its selection) that are
 least `window` positions behind the query; closer ones belong to the local part.
 
 Chunking. Consecutive blocks select nearly the same tokens: block u + 1 only adds
-P newly eligible positions to block u's candidates. So C consecutive blocks share
-one gathered key set: the M slots of the chunk's first block plus the (C - 1)P
-positions admitted after it, a superset of every S_u in the chunk (budgets only
-grow). Membership of a key in S_u is a comparison against the (score, position)
-of S_u's last slot (`Selection.threshold`). One [C P, M + (C - 1) P] matmul per
-chunk replaces C small [P, M] ones; C is chosen so that the extra keys cost at most
-~25% more FLOPs.
+P newly eligible positions to block u's candidates. So J consecutive blocks share
+one gathered key set: the M slots of the chunk's first block plus the (J - 1)P
+positions admitted after it, M + (J - 1)P keys (the S axis of the chunk's logits), a
+superset of every selection S_u in the chunk (budgets only grow). Membership of a key
+in S_u is a comparison against the (score, position) of S_u's last slot
+(`Selection.threshold`). One [J P, S] matmul per chunk replaces J small [P, M] ones;
+J is chosen so that the extra keys stay within a quarter of the M slots
+(`chunk_blocks`).
 
 Memory. Forward and backward both loop over chunks and gather inside the loop:
-O(T H + C P (M + C P)) memory. (Autodiff through a loop that reads the full K/V
+O(T H + J P (M + J P)) memory. (Autodiff through a loop that reads the full K/V
 would keep a full-size gradient per iteration.) The backward is flash attention's,
 plus the cotangent of the log-sum-exp output that the merge with the local part
 needs: ds = p (dp - rowsum(do o) + dlse).
 
-Shapes (head-major, so per-chunk matmuls need no transposes): q [B, K, R, Tp, H] f32,
-Tp = U P; k, v [B, K, Tp, H]; scores [B, Tp]; selection idx/vals [B, U, M];
-thresholds [B, U].
+Shapes (the repo alphabet; head-major, so per-chunk matmuls need no transposes):
+q [B, K, G, Tp, H] f32, Tp = U P; k, v [B, K, Tp, H]; scores [B, Tp]; selection
+idx/vals [B, U, M]; thresholds [B, U]; a chunk's J P queries attend its S gathered keys.
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ import math
 import jax
 import jax.numpy as jnp
 
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+from dsv2_jax.model.layers import MASK_VALUE
+
 _MAX_CHUNK = 8
 
 
 def chunk_blocks(slots: int, block: int, num_blocks: int) -> int:
-  """Blocks per chunk: extra keys (C - 1) P stay within a quarter of the M slots."""
+  """Blocks per chunk J: extra keys (J - 1) P stay within a quarter of the M slots."""
   return int(max(1, min(_MAX_CHUNK, num_blocks, 1 + slots // (4 * block))))
 
 
@@ -57,7 +59,7 @@ class _Chunk:
     u0 = first_block + local_u0  # Absolute block index.
     first_idx = jax.lax.dynamic_index_in_dim(idx, local_u0, axis=1, keepdims=False)  # [B, M]
     first_vals = jax.lax.dynamic_index_in_dim(vals, local_u0, axis=1, keepdims=False)
-    # Positions admitted after block u0: [(u0 + 1)P - W, (u0 + C)P - W); k, v and
+    # Positions admitted after block u0: [(u0 + 1)P - W, (u0 + J)P - W); k, v and
     # scores are padded on the left by `window`, so the slice starts at (u0 + 1)P.
     self.start = (u0 + 1) * block
     self.gather_idx = first_idx + window
@@ -65,28 +67,28 @@ class _Chunk:
     rows = lambda x: jnp.take_along_axis(x, self.gather_idx[:, None, :, None], axis=2)  # noqa: E731
     cols = lambda x: jnp.take_along_axis(x, self.gather_idx[:, None, None, :], axis=3)  # noqa: E731
     # k arrives transposed, [B, K, H, Tp], so that q k^T is a plain matmul.
-    self.keys_t = jnp.concatenate([cols(k), take(k, 3)], axis=3)  # [B, K, H, G]
-    self.values = jnp.concatenate([rows(v), take(v, 2)], axis=2)  # [B, K, G, H]
+    self.keys_t = jnp.concatenate([cols(k), take(k, 3)], axis=3)  # [B, K, H, S]
+    self.values = jnp.concatenate([rows(v), take(v, 2)], axis=2)  # [B, K, S, H]
     new_pos = self.start - window + jnp.arange(extra)
     pos = jnp.concatenate([first_idx, jnp.broadcast_to(new_pos, (b, extra))], axis=1)
-    key_scores = jnp.concatenate([first_vals, take(scores, 1)], axis=1)  # [B, G]
+    key_scores = jnp.concatenate([first_vals, take(scores, 1)], axis=1)  # [B, S]
     # Membership of each key in each block's selection, then the per-query distance.
-    blocks = u0 + jnp.arange(chunk)  # [C]
+    blocks = u0 + jnp.arange(chunk)  # [J]
     last_eligible = (blocks + 1) * block - 1 - window
-    tv = jax.lax.dynamic_slice_in_dim(tau_val, local_u0, chunk, axis=1)[:, :, None]  # [B,C,1]
+    tv = jax.lax.dynamic_slice_in_dim(tau_val, local_u0, chunk, axis=1)[:, :, None]  # [B,J,1]
     tpos = jax.lax.dynamic_slice_in_dim(tau_pos, local_u0, chunk, axis=1)[:, :, None]
     s, p = key_scores[:, None, :], pos[:, None, :]
     member = ((p <= last_eligible[None, :, None]) & (s > -jnp.inf)
-              & ((s > tv) | ((s == tv) & (p <= tpos))))  # [B, C, G]
-    tq = u0 * block + jnp.arange(cp)  # [CP]
-    member = jnp.repeat(member, block, axis=1)  # [B, CP, G]
-    self.allowed = (member & (p <= (tq - window)[None, :, None]))[:, None, None]  # [B,1,1,CP,G]
+              & ((s > tv) | ((s == tv) & (p <= tpos))))  # [B, J, S]
+    tq = u0 * block + jnp.arange(cp)  # [J P]
+    member = jnp.repeat(member, block, axis=1)  # [B, J P, S]
+    self.allowed = (member & (p <= (tq - window)[None, :, None]))[:, None, None]  # [B,1,1,JP,S]
     self.cp = cp
 
 
 def _logits(q_chunk, chunk: _Chunk):
-  """q_chunk [B, K, R, CP, H] -> masked, scaled logits [B, K, R, CP, G]."""
-  logits = jnp.einsum("BKRTH,BKHG->BKRTG", q_chunk, chunk.keys_t) / math.sqrt(q_chunk.shape[-1])
+  """q_chunk [B, K, G, J P, H] -> masked, scaled logits [B, K, G, J P, S]."""
+  logits = jnp.einsum("BKGTH,BKHS->BKGTS", q_chunk, chunk.keys_t) / math.sqrt(q_chunk.shape[-1])
   return jnp.where(chunk.allowed, logits, MASK_VALUE)
 
 
@@ -121,12 +123,12 @@ def global_attention(q, k, v, scores, idx, vals, tau_val, tau_pos, window: int, 
   """Global attention of the query blocks [first_block, first_block + U).
 
   Args:
-    q: [B, K, R, U P, H] those blocks' queries; k, v, scores: from `pad_keys` (k
+    q: [B, K, G, U P, H] those blocks' queries; k, v, scores: from `pad_keys` (k
       transposed, everything shifted by `window`, right padding from `padding_right`);
     idx, vals: [B, U, M]; tau_val, tau_pos: [B, U] (see `Selection`).
 
   Returns:
-    (out [B, K, R, U P, H], lse [B, K, R, U P]); rows with no allowed key: out 0, lse MASK.
+    (out [B, K, G, U P, H], lse [B, K, G, U P]); rows with no allowed key: out 0, lse MASK.
   """
   return _forward(q, k, v, scores, idx, vals, tau_val, tau_pos, window, block, chunk,
                   first_block)[0]
@@ -144,9 +146,9 @@ def _forward(q, k, v, scores, idx, vals, tau_val, tau_pos, window, block, chunk,
     logits = _logits(q_chunk, ch)
     m = jnp.max(logits, axis=-1, keepdims=True)
     e = jnp.exp(logits - m)  # Masked logits underflow to 0 unless the row is empty.
-    empty = m <= MASK_VALUE / 2  # [B, K, R, CP, 1]
+    empty = m <= MASK_VALUE / 2  # [B, K, G, J P, 1]
     l = jnp.where(empty, 1.0, jnp.sum(e, axis=-1, keepdims=True))
-    o = jnp.where(empty, 0.0, jnp.einsum("BKRTG,BKGH->BKRTH", e, ch.values) / l)
+    o = jnp.where(empty, 0.0, jnp.einsum("BKGTS,BKSH->BKGTH", e, ch.values) / l)
     row_lse = jnp.where(empty, MASK_VALUE, m + jnp.log(l))[..., 0]
     out = jax.lax.dynamic_update_slice_in_dim(out, o, c * size, axis=3)
     lse = jax.lax.dynamic_update_slice_in_dim(lse, row_lse, c * size, axis=3)
@@ -162,7 +164,7 @@ def _backward(window, block, chunk, first_block, residuals, cotangents):
   q, k, v, scores, idx, vals, tau_val, tau_pos, out, lse = residuals
   d_out, d_lse = cotangents
   b, tq = q.shape[0], q.shape[3]
-  delta = jnp.sum(d_out * out, axis=-1)  # [B, K, R, U P]
+  delta = jnp.sum(d_out * out, axis=-1)  # [B, K, G, U P]
   qp, idx_p, vals_p, tv, tpos = _prepare(q, idx, vals, tau_val, tau_pos, block, chunk)
   rows = qp.shape[3] - tq
   pad_rows = lambda x: jnp.pad(x, ((0, 0),) * 3 + ((0, rows),) + ((0, 0),) * (x.ndim - 4))  # noqa: E731
@@ -180,11 +182,11 @@ def _backward(window, block, chunk, first_block, residuals, cotangents):
     logits = _logits(q_chunk, ch)
     p = jnp.exp(logits - piece(lse)[..., None])  # 0 where masked (rows are never empty
     p = jnp.where(ch.allowed, p, 0.0)            # of mass unless lse is MASK).
-    dp = jnp.einsum("BKRTH,BKGH->BKRTG", do_chunk, ch.values)
+    dp = jnp.einsum("BKGTH,BKSH->BKGTS", do_chunk, ch.values)
     ds = p * (dp - piece(delta)[..., None] + piece(d_lse)[..., None]) * scale
-    dq_c = jnp.einsum("BKRTG,BKHG->BKRTH", ds, ch.keys_t)
-    dkeys = jnp.einsum("BKRTG,BKRTH->BGKH", ds, q_chunk)  # Rows first for the scatter.
-    dvals = jnp.einsum("BKRTG,BKRTH->BGKH", p, do_chunk)
+    dq_c = jnp.einsum("BKGTS,BKHS->BKGTH", ds, ch.keys_t)
+    dkeys = jnp.einsum("BKGTS,BKGTH->BSKH", ds, q_chunk)  # Rows first for the scatter.
+    dvals = jnp.einsum("BKGTS,BKGTH->BSKH", p, do_chunk)
     dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_c, c * size, axis=3)
     dk = dk.at[batch, :, ch.gather_idx].add(dkeys[:, :m])  # [B, M] rows of [B, K, Tp', H]
     dv = dv.at[batch, :, ch.gather_idx].add(dvals[:, :m])

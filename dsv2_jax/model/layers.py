@@ -1,7 +1,9 @@
 """Basic layers: a weight contracted by an einsum, normalisation, and the embedder.
 
 Every parameter is created with `nn.with_logical_partitioning`, so the model only
-names axes; `dsv2_jax.parallel.sharding` maps the names to a mesh.
+names axes; `dsv2_jax.parallel.sharding` maps the names to a mesh. Also the choices of
+`model.dtype` / `model.param_dtype` (`DTYPES`) and `model.norm` (`NORMS`), and the
+logit value every attention kernel uses for a masked key (`MASK_VALUE`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import jax
 import jax.numpy as jnp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+NORMS = ("rmsnorm", "layernorm")  # `Norm.kind`.
+# Large finite negative for masked attention logits: -inf gives NaN gradients on empty rows.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -53,7 +58,7 @@ class Einsum(nn.Module):
 class Norm(nn.Module):
   """RMSNorm (Zhang & Sennrich, 2019) or LayerNorm over the last axis, computed in f32."""
 
-  kind: str = "rmsnorm"
+  kind: str = "rmsnorm"  # One of NORMS.
   eps: float = 1e-6
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32

@@ -7,7 +7,7 @@
   y = sum_k weights_k * expert_{e_k}(x) + shared_experts(x)
 
 Only the chosen experts run (`moe_dispatch`; split over devices by
-`dsv2_jax.parallel.expert_parallel`); the article's all-experts loop is the
+`moe_parallel`); the article's all-experts loop is the
 oracle (`moe_reference`). Each call sows, under the 'intermediates' collection, the
 auxiliary losses (Switch/GShard load balancing, router z-loss) and load statistics
 that the train step adds to the loss and logs. Expert weights carry the 'expert'
@@ -22,9 +22,9 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 import ml_collections
 
+from dsv2_jax.model import moe_parallel
 from dsv2_jax.model.ffn import ACTIVATIONS, FeedForward, is_gated
 from dsv2_jax.model.layers import Einsum, dtype_of
-from dsv2_jax.parallel import expert_parallel
 
 BALANCE_BIAS = "balance_bias"  # Router parameter name, updated by the train step.
 ASSIGNMENT_FRACTION = "assignment_fraction"  # Its sown statistic (fraction per expert).
@@ -35,7 +35,7 @@ def balance_loss_from_means(fraction: jax.Array, prob_mean: jax.Array) -> jax.Ar
   """Switch/GShard auxiliary loss E * sum_e f_e P_e: 1 when routing is uniform.
 
   Args:
-    fraction: [..., E] f_e, fraction of the X k assignments that go to e (no gradient).
+    fraction: [..., E] f_e, fraction of the X A assignments that go to e (no gradient).
     prob_mean: [..., E] P_e, mean router probability of e (carries the gradient).
   Both are token means, so microbatches combine them exactly by averaging.
   """
@@ -44,7 +44,7 @@ def balance_loss_from_means(fraction: jax.Array, prob_mean: jax.Array) -> jax.Ar
 
 
 def load_balancing_loss(probs: jax.Array, expert_idx: jax.Array, num_experts: int) -> jax.Array:
-  """`balance_loss_from_means` of router probs [X, E] and choices expert_idx [X, k]."""
+  """`balance_loss_from_means` of router probs [X, E] and choices expert_idx [X, A]."""
   counts = jnp.bincount(expert_idx.reshape(-1), length=num_experts)
   return balance_loss_from_means(counts / expert_idx.size, jnp.mean(probs, axis=0))
 
@@ -61,13 +61,13 @@ class Router(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """x [X, D] -> (logits [X, E] f32, probs [X, E] f32, expert_idx [X, k], weights [X, k])."""
+    """x [X, D] -> (logits [X, E] f32, probs [X, E] f32, expert_idx [X, A], weights [X, A])."""
     cfg, moe = self.cfg, self.cfg.moe
     d, e, gh = x.shape[-1], moe.num_experts, moe.gate_hidden
     dense = lambda shape, axes, name: Einsum(  # noqa: E731
         shape, axes, (0,), dtype_of(cfg.dtype), dtype_of(cfg.param_dtype), name=name)
     h = ACTIVATIONS[moe.gate_activation](dense((d, gh), ("embed", "gate_mlp"), "gate_in")(
-        "XD,DG->XG", x))
+        "XD,DI->XI", x))
     # The gate's output layer runs in f32: bf16 rounding would change the top-k.
     w_out = self.param("gate_out", nn.with_logical_partitioning(
         nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
@@ -117,7 +117,7 @@ class MoEFeedForward(nn.Module):
     w_out = self.param("w_out", nn.with_logical_partitioning(
         init(1), ("expert", "expert_mlp", "embed")), (e, f, d), param_dtype)
     # Expert-parallel (all-to-all) when the mesh splits the experts, else one device's.
-    y, plan = expert_parallel.grouped_ffn(
+    y, plan = moe_parallel.mesh_routed_ffn(
         x, expert_idx, weights, w_in, w_out, act=ACTIVATIONS[cfg.activation], gated=gated,
         dtype=dtype, path=moe.dispatch, tile=moe.tile_rows, max_tile=moe.max_tile_rows,
         capacity_factor=moe.capacity_factor)

@@ -1,6 +1,6 @@
 """Dropless MoE dispatch: sort token-expert pairs by expert, run each expert on its rows only.
 
-Routing gives every token k (expert, weight) pairs. `plan_dispatch` sorts the X k pairs
+Routing gives every token A (expert, weight) pairs. `plan_dispatch` sorts the X A pairs
 by expert (stable, so earlier tokens come first within an expert), applies an optional
 per-expert capacity (pairs past it are dropped: weight 0, counted), and lays the kept
 pairs out in expert-contiguous groups. Two grouped-FFN paths consume that layout:
@@ -56,11 +56,11 @@ class TileClass:
 
 
 class DispatchPlan(NamedTuple):
-  """Where each (token, choice) pair goes. X tokens, k choices, E experts, R buffer rows.
+  """Where each (token, choice) pair goes. X tokens, A choices, E experts, R buffer rows.
 
   Attributes:
-    row_pair: int [R] flat pair (token x k + choice) held by each row (X k for padding).
-    dest: int [X, k] buffer row of each pair (R for a dropped pair: a zero row).
+    row_pair: int [R] flat pair (token x A + choice) held by each row (X A for padding).
+    dest: int [X, A] buffer row of each pair (R for a dropped pair: a zero row).
     tiles: the tile classes covering the groups, largest first (the tiled path's loops).
     executed_rows: int [] rows the tiles cover: kept pairs + padding.
     group_sizes: int [E] kept pairs per expert.
@@ -110,7 +110,7 @@ def tile_sizes(tile: int, max_tile: int) -> tuple[int, ...]:
 
 
 def capacity(num_pairs: int, num_experts: int, capacity_factor: float) -> int | None:
-  """Per-expert row limit, or None (dropless) when capacity_factor <= 0."""
+  """Per-expert row limit C, or None (dropless) when capacity_factor <= 0."""
   if capacity_factor <= 0:
     return None
   return max(1, math.ceil(capacity_factor * num_pairs / num_experts))
@@ -118,7 +118,7 @@ def capacity(num_pairs: int, num_experts: int, capacity_factor: float) -> int | 
 
 def plan_dispatch(expert_idx: jax.Array, num_experts: int, tile: int,
                   capacity_limit: int | None = None, max_tile: int = 0) -> DispatchPlan:
-  """Sorts the pairs of `expert_idx` [X, k] into expert-contiguous groups.
+  """Sorts the pairs of `expert_idx` [X, A] into expert-contiguous groups.
 
   With tile > 1 each group is padded to a multiple of `tile` rows and covered by tiles
   of the sizes `tile_sizes(tile, max_tile)` (max_tile 0: tile only); with tile = 1 the
@@ -225,11 +225,11 @@ def gather_rows(x: jax.Array, plan: DispatchPlan) -> jax.Array:
 
 
 def combine(y: jax.Array, plan: DispatchPlan, weights: jax.Array) -> jax.Array:
-  """[R, D] expert outputs -> [X, D]: sum over each token's k pairs of weight x output."""
+  """[R, D] expert outputs -> [X, D]: sum over each token's A pairs of weight x output."""
   x, k = plan.dest.shape
   picked = take_rows(y, plan.dest.reshape(x * k), plan.row_pair[:, None])
   picked = picked.reshape(x, k, y.shape[1])  # Dropped pairs read the zero row.
-  return jnp.einsum("XKD,XK->XD", picked, weights.astype(picked.dtype))
+  return jnp.einsum("XAD,XA->XD", picked, weights.astype(picked.dtype))
 
 
 # --- expert FFN on one group of rows -------------------------------------------------------
@@ -240,18 +240,19 @@ def _dot(a: jax.Array, b: jax.Array, dtype: jnp.dtype) -> jax.Array:
 
 
 def flat_in(w_in: jax.Array) -> jax.Array:
-  """[E, D, 2, F] (gated: gate, up) or [E, D, F] -> [E, D, G F]: one input matmul per expert."""
+  """[E, D, 2, F] (gated: gate, up) or [E, D, F] -> [E, D, 2F or F]: one input matmul per expert."""
   return w_in.reshape(*w_in.shape[:2], -1)
 
 
 def expert_pre(x: jax.Array, w_in: jax.Array, dtype: jnp.dtype) -> jax.Array:
-  """Input projection of one expert: x [n, D], w_in [D, G F] -> [n, G F] (gate | up)."""
+  """Input projection of one expert: x [rows, D], w_in [D, 2F or F] -> [rows, 2F or F]
+  (gated: gate | up)."""
   return _dot(x, w_in, dtype)
 
 
 def expert_post(pre: jax.Array, w_out: jax.Array, act: Activation, gated: bool,
                 dtype: jnp.dtype) -> jax.Array:
-  """Activation and output projection: pre [n, G F], w_out [F, D] -> [n, D]."""
+  """Activation and output projection: pre [rows, 2F or F], w_out [F, D] -> [rows, D]."""
   f = w_out.shape[0]
   hidden = act(pre[:, :f]) * pre[:, f:] if gated else act(pre)
   return _dot(hidden, w_out, dtype)
@@ -259,7 +260,7 @@ def expert_post(pre: jax.Array, w_out: jax.Array, act: Activation, gated: bool,
 
 def expert_ffn(x: jax.Array, w_in: jax.Array, w_out: jax.Array, act: Activation,
                gated: bool, dtype: jnp.dtype) -> jax.Array:
-  """One expert on rows x [n, D]; w_in [D, G F] (see `flat_in`); w_out [F, D]."""
+  """One expert on rows x [rows, D]; w_in [D, 2F or F] (see `flat_in`); w_out [F, D]."""
   return expert_post(expert_pre(x, w_in, dtype), w_out, act, gated, dtype)
 
 
@@ -280,8 +281,8 @@ def tiled_ffn(rows: jax.Array, w_in: jax.Array, w_out: jax.Array,
               dtype: jnp.dtype) -> jax.Array:
   """Expert FFNs over a tiled buffer: rows [R, D] -> [R, D]; rows no tile covers are zero.
 
-  w_in: [E, D, G F] (`flat_in`), w_out: [E, F, D]. The forward keeps the input
-  projections [R, G F] for the backward, so forward + backward execute 3x the
+  w_in: [E, D, 2F or F] (`flat_in`), w_out: [E, F, D]. The forward keeps the input
+  projections [R, 2F or F] for the backward, so forward + backward execute 3x the
   forward's matmul FLOPs, as plain autodiff would, over the used tiles only.
   """
   return _tiled_forward(rows, w_in, w_out, tiles, act, gated, dtype)[0]
@@ -333,7 +334,7 @@ tiled_ffn.defvjp(_tiled_forward, _tiled_backward)
 def ragged_ffn(rows: jax.Array, w_in: jax.Array, w_out: jax.Array, group_sizes: jax.Array,
                act: Activation, gated: bool, dtype: jnp.dtype) -> jax.Array:
   """Expert FFNs with `jax.lax.ragged_dot` over packed groups: rows [R, D] -> [R, D];
-  w_in [E, D, G F] (`flat_in`)."""
+  w_in [E, D, 2F or F] (`flat_in`)."""
   dot = lambda a, b: jax.lax.ragged_dot(a.astype(dtype), b.astype(dtype), group_sizes,  # noqa: E731
                                         preferred_element_type=jnp.float32).astype(dtype)
   f = w_out.shape[1]
@@ -342,16 +343,20 @@ def ragged_ffn(rows: jax.Array, w_in: jax.Array, w_out: jax.Array, group_sizes: 
   return dot(hidden, w_out)
 
 
+DISPATCH_PATHS = ("auto", "tiled", "ragged_dot")  # `model.moe.dispatch`; auto: `default_path`.
+
+
 def default_path() -> str:
   """'tiled' on CPU (ragged_dot runs every group densely there), else 'ragged_dot'."""
   return "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
 
 
-def grouped_ffn(x: jax.Array, expert_idx: jax.Array, weights: jax.Array, w_in: jax.Array,
-                w_out: jax.Array, *, act: Activation, gated: bool, dtype: jnp.dtype,
-                path: str = "auto", tile: int = 0, max_tile: int = MAX_TILE,
-                capacity_limit: int | None = None) -> tuple[jax.Array, DispatchPlan]:
-  """Routed experts on tokens: x [X, D], expert_idx / weights [X, k] -> ([X, D], plan).
+def routed_ffn(x: jax.Array, expert_idx: jax.Array, weights: jax.Array, w_in: jax.Array,
+               w_out: jax.Array, *, act: Activation, gated: bool, dtype: jnp.dtype,
+               path: str = "auto", tile: int = 0, max_tile: int = MAX_TILE,
+               capacity_limit: int | None = None) -> tuple[jax.Array, DispatchPlan]:
+  """Routed experts on the tokens and experts at hand (one device, or inside `shard_map`):
+  x [X, D], expert_idx / weights [X, A] -> ([X, D], plan).
 
   w_in: [E, D, 2, F] (gate, up) if gated else [E, D, F]; w_out: [E, F, D].
 

@@ -1,7 +1,7 @@
 """The article's `gated_routing` (SPEC 1.2), kept as the MoE test oracle and benchmark baseline.
 
 Every expert runs on every token and the outputs are masked by the routing weights,
-exactly as the article's PyTorch loop does. It costs E / k times the active FLOPs and is
+exactly as the article's PyTorch loop does. It costs E / A times the active FLOPs and is
 never the implementation.
 """
 
@@ -16,9 +16,9 @@ from dsv2_jax.model.moe_dispatch import Activation, expert_ffn, flat_in
 def gated_routing(x: jax.Array, expert_idx: jax.Array, weights: jax.Array, w_in: jax.Array,
                   w_out: jax.Array, *, act: Activation, gated: bool,
                   dtype: jnp.dtype = jnp.float32, keep: jax.Array | None = None) -> jax.Array:
-  """x [X, D], expert_idx / weights [X, k], w_in [E, D, (2,) F], w_out [E, F, D] -> [X, D].
+  """x [X, D], expert_idx / weights [X, A], w_in [E, D, (2,) F], w_out [E, F, D] -> [X, D].
 
-  `keep` [X, k] (optional) zeroes dropped pairs, for comparing with capacity-limited dispatch.
+  `keep` [X, A] (optional) zeroes dropped pairs, for comparing with capacity-limited dispatch.
   """
   if keep is not None:
     weights = jnp.where(keep, weights, 0.0)

@@ -37,7 +37,7 @@ TAGS: dict[str, str] = {
     "ffn_up": "FFN: up projection [X, F]",
     "ffn_hidden": "FFN: act(gate) * up [X, F]",
     "ffn_down": "FFN: down projection, the block's output [X, D]",
-    "moe_routing": "MoE: chosen experts [X, k]",
+    "moe_routing": "MoE: chosen experts [X, A]",
     "moe_rows": "MoE: tokens gathered into expert-sorted rows [R, D]",
     "moe_expert_pre": "MoE: expert input projections (gate | up) [R, 2F]",
     "moe_expert_out": "MoE: expert outputs, expert-sorted rows [R, D]",

@@ -22,6 +22,10 @@ from dsv2_jax.model.moe import MoEFeedForward
 from dsv2_jax.model.layers import Einsum, Embedder, Norm, dtype_of
 from dsv2_jax.parallel import pipeline
 
+# `model.position`: 'rope' rotates q and k in attention; 'learned' adds a [max_seq_len, D]
+# table to the embeddings here; 'none' uses neither.
+POSITIONS = ("rope", "learned", "none")
+
 
 class DecoderBlock(nn.Module):
   """One pre-norm block. Returns (x, None) so that it can be the body of nn.scan."""

@@ -17,12 +17,12 @@ import jax.numpy as jnp
 
 
 def split(x: jax.Array, n: int) -> jax.Array:
-  """[B, ...] -> [n, B / n, ...]: microbatch i holds rows i, i + n, ..."""
+  """[B, ...] -> [Y, B / Y, ...] with Y = n microbatches: microbatch i holds rows i, i + n, ..."""
   return x.reshape(-1, n, *x.shape[1:]).swapaxes(0, 1)
 
 
 def merge(x: jax.Array) -> jax.Array:
-  """[n, B / n, ...] -> [B, ...]: the inverse of `split`."""
+  """[Y, B / Y, ...] -> [B, ...]: the inverse of `split`."""
   return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
 
 

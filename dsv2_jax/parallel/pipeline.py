@@ -2,22 +2,23 @@
 
 The decoder's scanned stack keeps its parameters as one [L, ...] tree on every layout,
 so checkpoints move freely between meshes. When the logical `layers` axis maps to a
-mesh axis of size S > 1 (under `sharding.activation_rules`), `run_stack` runs that stack
-as S stages of ceil(L / S) layers each:
+mesh axis of size Z > 1 (under `sharding.activation_rules`), `run_stack` runs that stack
+as Z stages of ceil(L / Z) layers each (Z stages and Y microbatches are letters of the
+repo's shape alphabet, written down in `dsv2_jax.model`):
 
-  params [L, ...] -> padded to [S, ceil(L / S), ...]; padded layers are skipped
-  batch  -> M microbatches of strided rows (`microbatch.split`)
-  for tick t in 0 .. M + S - 2:            (one `lax.scan`)
+  params [L, ...] -> padded to [Z, ceil(L / Z), ...]; padded layers are skipped
+  batch  -> Y microbatches of strided rows (`microbatch.split`)
+  for tick t in 0 .. Y + Z - 2:            (one `lax.scan`)
     stage 0 takes microbatch t, stage s > 0 takes stage s - 1's last output
     (`jnp.roll` over the stage axis: a collective-permute between neighbours);
     all stages run at once: `vmap` over the stage axis, sharded on the mesh axis
-  the last stage's outputs from ticks S - 1 .. M + S - 2 are the M results.
+  the last stage's outputs from ticks Z - 1 .. Y + Z - 2 are the Y results.
 
 The backward pass is the autodiff of that scan, so activations flow back through the
-same permutes. Every stage is busy for M of the M + S - 1 ticks: the bubble fraction is
-(S - 1) / (M + S - 1) (`bubble_fraction`). The layer count need not divide by S: the
+same permutes. Every stage is busy for Y of the Y + Z - 1 ticks: the bubble fraction is
+(Z - 1) / (Y + Z - 1) (`bubble_fraction`). The layer count need not divide by Z: the
 padded layers run on zero weights and their result is discarded, which costs
-S ceil(L / S) - L layer slots per tick.
+Z ceil(L / Z) - L layer slots per tick.
 
 Statistics a layer sows (MoE load, auxiliary-loss means) come back per layer, combined
 over microbatches by `microbatch.reduce_stats`, as the unpipelined scan stacks them.
@@ -37,28 +38,28 @@ from jax.sharding import PartitionSpec as P
 from dsv2_jax.parallel import microbatch, sharding
 
 # layer_fn(layer_params, x [X', D], positions [B', T], key id, layer state or None)
-#   -> (x, sown stats, new layer state or None). The key id (layer x M + microbatch) is
+#   -> (x, sown stats, new layer state or None). The key id (layer x Y + microbatch) is
 #   unique per call, for dropout keys; the state is this layer's rows of the decode cache.
 LayerFn = Callable[[Any, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any, Any]]
 
 
 def num_stages() -> int:
-  """S: how many ways the active mesh splits the layer stack (1 outside a mesh)."""
+  """Z: how many ways the active mesh splits the layer stack (1 outside a mesh)."""
   mesh = jax.sharding.get_abstract_mesh()
   return math.prod(mesh.shape[a] for a in sharding.active_mesh_axes("layers"))
 
 
 def bubble_fraction(stages: int, microbatches: int) -> float:
-  """Idle share of each stage's ticks in the GPipe schedule: (S - 1) / (M + S - 1)."""
+  """Idle share of each stage's ticks in the GPipe schedule: (Z - 1) / (Y + Z - 1)."""
   return (stages - 1) / (microbatches + stages - 1)
 
 
 def default_microbatches(stages: int, batch: int, data_ways: int = 1,
                          requested: int = 0) -> int:
-  """`requested` if > 0, else the largest divisor of the rows per data shard up to 4 S.
+  """`requested` if > 0, else the largest divisor of the rows per data shard up to 4 Z.
 
   Dividing each data shard's rows keeps every microbatch split over the data axes (no
-  resharding); up to 4 S microbatches keeps the bubble at or below 20%.
+  resharding); up to 4 Z microbatches keeps the bubble at or below 20%.
   """
   if requested:
     return requested
@@ -76,7 +77,7 @@ def run_stack(layer_fn: LayerFn, params: Any, x: jax.Array, positions: jax.Array
     params: the stack's parameters, every leaf [L, ...].
     x: [X, D] tokens, X = B T batch-major; positions: [B, T].
     num_layers: L.
-    microbatches: M, must divide B; 0 picks `default_microbatches`.
+    microbatches: Y, must divide B; 0 picks `default_microbatches`.
     layer_state: None, or per-layer state with leaves [L, B, ...] (the decode KV cache):
       each layer reads and rewrites its microbatch's rows.
 
@@ -96,14 +97,14 @@ def run_stack(layer_fn: LayerFn, params: Any, x: jax.Array, positions: jax.Array
   per_stage = -(-num_layers // stages)
   slots = stages * per_stage
 
-  def to_stages(leaf):  # [L, ...] -> [S, L / S, ...], stage axis on the mesh.
+  def to_stages(leaf):  # [L, ...] -> [Z, L / Z, ...], stage axis on the mesh.
     pad = jnp.zeros((slots - num_layers, *leaf.shape[1:]), leaf.dtype)
     staged = jnp.concatenate([leaf, pad]).reshape(stages, per_stage, *leaf.shape[1:])
     # Other dimensions keep their own (tensor, fsdp) sharding: no gather here.
     free = (P.UNCONSTRAINED,) * (staged.ndim - 1)
     return jax.lax.with_sharding_constraint(staged, P(stage_axis, *free))
 
-  def state_to_stages(leaf):  # [L, B, ...] -> [S, L / S, M, B / M, ...] (strided rows).
+  def state_to_stages(leaf):  # [L, B, ...] -> [Z, L / Z, Y, B / Y, ...] (strided rows).
     return to_stages(jnp.moveaxis(microbatch.split(jnp.moveaxis(leaf, 1, 0), m), (0, 1),
                                   (1, 2)))
 
@@ -114,9 +115,9 @@ def run_stack(layer_fn: LayerFn, params: Any, x: jax.Array, positions: jax.Array
   staged = jax.tree.map(to_stages, params)
   layer_ids = jnp.arange(slots).reshape(stages, per_stage)
   d = x.shape[-1]
-  x_mb = microbatch.split(x.reshape(b, t, d), m).reshape(m, -1, d)  # [M, X / M, D]
-  pos_mb = microbatch.split(positions, m)  # [M, B / M, T]
-  # Stage 0's input per tick; the last S - 1 ticks feed nothing new (zeros).
+  x_mb = microbatch.split(x.reshape(b, t, d), m).reshape(m, -1, d)  # [Y, X / Y, D]
+  pos_mb = microbatch.split(positions, m)  # [Y, B / Y, T]
+  # Stage 0's input per tick; the last Z - 1 ticks feed nothing new (zeros).
   feed = jnp.concatenate([x_mb, jnp.zeros((stages - 1, *x_mb.shape[1:]), x.dtype)])
   carry_spec = P(stage_axis, token_axes or None)
 
@@ -139,7 +140,7 @@ def run_stack(layer_fn: LayerFn, params: Any, x: jax.Array, positions: jax.Array
   def tick(carry, xs):
     state, stage_state = carry
     feed_t, tick_index = xs
-    inputs = jnp.roll(state, 1, axis=0).at[0].set(feed_t)  # [S, X / M, D]
+    inputs = jnp.roll(state, 1, axis=0).at[0].set(feed_t)  # [Z, X / Y, D]
     inputs = jax.lax.with_sharding_constraint(inputs, carry_spec)
     # Stage s works on microbatch tick - s (clipped outside the schedule: discarded).
     mb = tick_index - jnp.arange(stages)
@@ -157,11 +158,11 @@ def run_stack(layer_fn: LayerFn, params: Any, x: jax.Array, positions: jax.Array
       tick, (state, stage_state), (feed, jnp.arange(ticks)))
   y = microbatch.merge(outputs[stages - 1:].reshape(m, b // m, t, d)).reshape(b * t, d)
 
-  # stats leaves [ticks, S, L / S, ...]: stage s ran microbatch j at tick j + s.
-  when = jnp.arange(m)[:, None] + jnp.arange(stages)[None, :]  # [M, S]
+  # stats leaves [ticks, Z, L / Z, ...]: stage s ran microbatch j at tick j + s.
+  when = jnp.arange(m)[:, None] + jnp.arange(stages)[None, :]  # [Y, Z]
 
   def per_layer(leaf):
-    picked = leaf[when, jnp.arange(stages)[None, :]]  # [M, S, L / S, ...]
+    picked = leaf[when, jnp.arange(stages)[None, :]]  # [Y, Z, L / Z, ...]
     return picked.reshape(m, slots, *leaf.shape[3:])[:, :num_layers]
 
   new_state = None if stage_state is None else jax.tree.map(state_from_stages, stage_state)

@@ -28,12 +28,17 @@ class TrainState:
     params: the model's parameter tree.
     opt_state: the optimizer's state tree.
     rng: uint32 [2] PRNG key, split once per step (dropout).
+    skipped_steps: int32 scalar, steps whose update was not applied because the loss,
+      gradient or new parameters were not finite (`train.step.train_step`).
+    consecutive_skips: int32 scalar, skipped steps since the last applied one.
   """
 
   step: jax.Array
   params: Any
   opt_state: Any
   rng: jax.Array
+  skipped_steps: jax.Array
+  consecutive_skips: jax.Array
 
 
 def _init_fn(model: nn.Module, tx: optax.GradientTransformation, seq_len: int):
@@ -41,8 +46,9 @@ def _init_fn(model: nn.Module, tx: optax.GradientTransformation, seq_len: int):
     param_rng, train_rng = jax.random.split(rng)
     tokens = jnp.zeros((1, seq_len), jnp.int32)
     params = model.init(param_rng, tokens)["params"]  # Boxed with logical axis names.
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), rng=train_rng)
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=zero, params=params, opt_state=tx.init(params), rng=train_rng,
+                      skipped_steps=zero, consecutive_skips=zero)
   return init
 
 

@@ -85,21 +85,45 @@ def batch_grads(params: Any, batch: Batch, rng: jax.Array, *, model: nn.Module,
   return grads, jnp.sum(losses), moe_metrics, intermediates
 
 
+def all_finite(tree: Any) -> jax.Array:
+  """bool scalar: every element of every leaf is finite."""
+  return functools.reduce(jnp.logical_and,
+                          [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)],
+                          jnp.asarray(True))
+
+
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
                tx: optax.GradientTransformation, accum_steps: int = 1
                ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on the mean token loss of `batch` (see `batch_grads`)."""
+  """One optimizer step on the mean token loss of `batch` (see `batch_grads`).
+
+  Non-finite guard: when the loss, the gradient norm or any new parameter is not
+  finite, the update is not applied (parameters, optimizer state and the MoE balancing
+  bias stay as they were), while the step counter and RNG advance as usual, so the
+  data position moves on. `skipped_steps` and `consecutive_skips` count such steps;
+  the trainer stops after `train.max_skipped_steps` in a row. (optax.apply_if_finite
+  guards the optimizer alone and applies the update anyway after its limit.)
+  """
   rng, dropout_rng = jax.random.split(state.rng)
   grads, loss, moe_metrics, intermediates = batch_grads(
       state.params, batch, dropout_rng, model=model, accum_steps=accum_steps)
+  grad_norm = optax.global_norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   if model.cfg.moe.num_experts:
     params = moe_stats.update_balance_bias(params, intermediates,
                                            model.cfg.moe.balance_bias_rate)
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
-  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-             "tokens": jnp.sum(batch["weights"]), **moe_metrics}
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+  skipped = (~finite).astype(jnp.int32)
+  new_state = state.replace(
+      step=state.step + 1, params=keep(params, state.params),
+      opt_state=keep(opt_state, state.opt_state), rng=rng,
+      skipped_steps=state.skipped_steps + skipped,
+      consecutive_skips=jnp.where(finite, 0, state.consecutive_skips + 1))
+  metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": jnp.sum(batch["weights"]),
+             "skipped_steps": new_state.skipped_steps,
+             "consecutive_skips": new_state.consecutive_skips, **moe_metrics}
   return new_state, metrics
 
 

@@ -10,21 +10,37 @@ A workdir holds everything about one run:
 
 Running again on the same workdir resumes from the latest checkpoint and continues
 bit-identically (same params, optimizer state, RNG and data position).
+
+What can go wrong, and what happens (docs/reliability.md):
+  - a non-finite loss, gradient or update: the step is skipped (`train_step`); after
+    `train.max_skipped_steps` in a row the run stops with `TrainingDiverged`, its
+    checkpoints all finite;
+  - SIGTERM / SIGINT (preemption, Ctrl-C): a checkpoint at the current step, then the
+    run returns `Stopped`; rerunning continues bit-identically;
+  - an unreadable latest checkpoint: the newest step that restores is used and the bad
+    one is moved to `unreadable_checkpoints/` (kept, never deleted);
+  - a failed checkpoint write: `CheckpointError`, earlier steps intact. Every exit path
+    waits for the checkpoint in flight.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import pathlib
+import signal
+import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 
 from dsv2_jax import config as config_lib
 from dsv2_jax.data import pipeline, sources
@@ -34,11 +50,11 @@ from dsv2_jax.model import flops
 from dsv2_jax.model.transformer import build_model
 from dsv2_jax.parallel import sharding
 from dsv2_jax.train import evaluate as evaluate_lib
-from dsv2_jax.train.checkpoint import Checkpointer
+from dsv2_jax.train.checkpoint import CheckpointError, Checkpointer
 from dsv2_jax.train.metrics import MetricWriter
 from dsv2_jax.train.optimizer import build_optimizer, learning_rate_schedule
 from dsv2_jax.train.state import TrainState, abstract_state, create_train_state
-from dsv2_jax.train.step import jit_train_step
+from dsv2_jax.train.step import all_finite, jit_train_step
 
 # Sections whose change would make a resumed run a different experiment.
 _RESUME_MUST_MATCH = ("seed", "model", "data.dataset", "data.seq_len", "data.batch_size",
@@ -60,6 +76,40 @@ def _check_resumable(saved: ml_collections.ConfigDict, config: ml_collections.Co
         f"{workdir} holds a run with a different {', '.join(changed)}; resuming it with "
         "this config would not continue that run. Use a fresh --workdir, or restore those "
         f"values (see {workdir / 'config.json'}).")
+
+
+class WorkdirError(ValueError):
+  """The workdir cannot be created or written."""
+
+
+class TrainingDiverged(RuntimeError):
+  """Too many consecutive steps had a non-finite loss, gradient or update."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Stopped:
+  """A run that stopped before `train.steps` with a checkpoint at `step`.
+
+  reason: 'stop_after' (the --stop_after flag), 'SIGTERM' or 'SIGINT'.
+  """
+
+  step: int
+  reason: str
+
+
+UNREADABLE_DIR = "unreadable_checkpoints"  # Where training moves unreadable steps.
+
+
+def prepare_workdir(workdir: pathlib.Path) -> None:
+  """Creates `workdir` and checks that files can be written there."""
+  probe = workdir / ".write_test"
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe.write_text("")
+    probe.unlink()
+  except OSError as e:
+    raise WorkdirError(f"--workdir {workdir} cannot be written ({type(e).__name__}: "
+                       f"{e.strerror or e}): choose a directory you can write to.") from None
 
 
 def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
@@ -88,41 +138,116 @@ class Run:
     self.checkpointer = Checkpointer(self.workdir / "checkpoints", config.train.max_checkpoints,
                                      config.train.async_checkpointing)
 
-  def initial_state(self) -> tuple[TrainState, Any, dict[str, Any] | None]:
-    """The latest checkpoint if there is one, else a fresh state.
+  def initial_state(self, set_aside_unreadable: bool = False
+                    ) -> tuple[TrainState, Any, dict[str, Any] | None]:
+    """The newest checkpoint that restores if there is one, else a fresh state.
+
+    Unreadable newer steps are skipped with a warning and left in place; with
+    `set_aside_unreadable` (training, which will write those step numbers again) they
+    are moved to `<workdir>/unreadable_checkpoints/` instead, never deleted.
 
     Returns:
       (state, state_shardings, data_state or None).
+
+    Raises:
+      CheckpointError: there are checkpoints and none restores.
     """
     seq_len = self.config.data.seq_len
     boxed = abstract_state(self.model, self.tx, seq_len)  # Shapes + logical axis names.
     abstract = nn.meta.unbox(boxed)
     shardings = sharding.logical_shardings(boxed, self.mesh)
-    step = self.checkpointer.latest_step()
-    if step is None:
+    if self.checkpointer.latest_step() is None:
       state, _ = create_train_state(self.model, self.tx, self.config.seed, seq_len, self.mesh,
                                     shardings)
       return state, shardings, None
-    state, data_state = self.checkpointer.restore(step, shardings, abstract)
+    step, state, data_state, unreadable = self.checkpointer.restore_latest(shardings, abstract)
+    if set_aside_unreadable and jax.process_index() == 0:
+      for bad in unreadable:
+        moved = self.checkpointer.set_aside(bad, self.workdir / UNREADABLE_DIR)
+        logging.warning("Moved unreadable checkpoint step %d to %s (kept for inspection).",
+                        bad, moved)
     logging.info("Restored step %d from %s", step, self.checkpointer.directory)
     return state, shardings, data_state
 
+  def check_generation_length(self, num_prompt_tokens: int, max_new_tokens: int) -> None:
+    """ConfigError unless the prompt and new tokens fit the model's position limit."""
+    limit = self.config.model.max_seq_len
+    if num_prompt_tokens + max_new_tokens > limit:
+      raise config_lib.ConfigError(
+          f"the prompt ({num_prompt_tokens} tokens) plus max_new_tokens ({max_new_tokens}) "
+          f"exceeds model.max_seq_len={limit}: shorten the prompt or lower max_new_tokens "
+          f"to at most {max(limit - num_prompt_tokens, 0)}.")
+
   def sample(self, params: Any, prompt: str, max_new_tokens: int, temperature: float,
              top_k: int, seed: int = 0) -> str:
+    """`prompt` followed by `max_new_tokens` sampled tokens, decoded."""
+    return prompt + self.tokenizer.decode(
+        self.sample_ids(params, prompt, max_new_tokens, temperature, top_k, seed))
+
+  def sample_ids(self, params: Any, prompt: str, max_new_tokens: int, temperature: float,
+                 top_k: int, seed: int = 0) -> np.ndarray:
+    """The `max_new_tokens` token ids sampled after `prompt`, int32 [max_new_tokens]."""
     ids = self.tokenizer.encode(prompt)
-    limit = self.config.model.max_seq_len
-    if len(ids) + max_new_tokens > limit:
-      raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) "
-                       f"exceeds model.max_seq_len={limit}.")
+    self.check_generation_length(len(ids), max_new_tokens)
     # Host (numpy) inputs: replicated on every process of a multi-process run.
     tokens = generate(self.model, params, np.asarray(ids[None], np.int32),
                       np.asarray(jax.random.PRNGKey(seed)), max_new_tokens=max_new_tokens,
                       temperature=temperature, top_k=top_k, mesh=self.mesh)
-    return prompt + self.tokenizer.decode(np.asarray(tokens[0]))
+    return np.asarray(tokens[0])
+
+
+class StopRequests:
+  """Turns SIGTERM / SIGINT into a request to checkpoint and stop at the next step.
+
+  Single process: Python handlers for both signals, installed while the context is
+  active (main thread only); a second SIGINT interrupts at once, as usual. Multi-process
+  runs use JAX's preemption service instead (SIGTERM on any host; all hosts agree on
+  the step, `multihost_utils.reached_preemption_sync_point`).
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.reason: str | None = None
+    self._previous: dict[int, Any] = {}
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.reason = signal.Signals(signum).name
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Twice: stop now.
+
+  @contextlib.contextmanager
+  def installed(self) -> Iterator["StopRequests"]:
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+    try:
+      yield self
+    finally:
+      for s, handler in self._previous.items():
+        signal.signal(s, handler)
+
+  def requested(self, step: int) -> str | None:
+    """The reason to stop after `step`, or None. Call at every step on every process."""
+    if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step):
+      self.reason = "SIGTERM"
+    return self.reason
+
+
+_params_finite = jax.jit(all_finite)
+
+
+def _diverged_message(step: int, config: ml_collections.ConfigDict, latest: int | None) -> str:
+  n = config.train.max_skipped_steps
+  kept = (f"the latest checkpoint, step {latest}, holds finite parameters"
+          if latest is not None else "no checkpoint was written")
+  return (f"training diverged: steps {step - n + 1}-{step} each had a non-finite loss, "
+          f"gradient or update (train.max_skipped_steps={n} in a row); none was applied and "
+          f"{kept}. Lower train.learning_rate (now {config.train.learning_rate:g}) or raise "
+          "train.warmup_steps / train.grad_clip_norm, then rerun (it resumes) or use a "
+          "fresh --workdir.")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
-                       stop_after: int | None = None) -> dict[str, float] | None:
+                       stop_after: int | None = None) -> dict[str, float] | Stopped:
   """Trains `config` in `workdir` (resuming if possible) and evaluates on held-out text.
 
   Args:
@@ -132,16 +257,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       were preempted; the schedule still targets `train.steps`.
 
   Returns:
-    The final held-out metrics, or None when stopped early by `stop_after`.
+    The final held-out metrics, or `Stopped` when stopped early (by `stop_after` or a
+    SIGTERM / SIGINT), with a checkpoint at the step it names.
+
+  Raises:
+    TrainingDiverged: `train.max_skipped_steps` consecutive non-finite steps.
+    CheckpointError: no checkpoint restores, or one cannot be written.
   """
   # 1) Validate and pin the config to the workdir.
+  config_lib.validate(config)
+  lead = jax.process_index() == 0  # Of a multi-process run, only process 0 writes files.
+  if lead:
+    prepare_workdir(pathlib.Path(workdir).expanduser().resolve())
   run = Run(config, workdir)
   workdir = run.workdir
-  workdir.mkdir(parents=True, exist_ok=True)
+  s = config.sample
+  if s.max_new_tokens:  # Fail now, not after training.
+    run.check_generation_length(len(run.tokenizer.encode(s.prompt)), s.max_new_tokens)
   config_path = workdir / "config.json"
   if config_path.exists() and run.checkpointer.latest_step() is not None:
     _check_resumable(load_config(workdir), config, workdir)
-  lead = jax.process_index() == 0  # Of a multi-process run, only process 0 writes files.
   if lead:
     config_path.write_text(config_lib.to_json(config))
   train_cfg = config.train
@@ -152,9 +287,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   sources.data_source(config.data.dataset, config.data.eval_split, config.data.data_dir,
                       config.data.download)
 
-  # 3) State: the latest checkpoint, or a fresh init straight into its shardings; the
-  #    data stream continues from the position saved with it.
-  state, state_shardings, data_state = run.initial_state()
+  # 3) State: the newest checkpoint that restores, or a fresh init straight into its
+  #    shardings; the data stream continues from the position saved with it.
+  state, state_shardings, data_state = run.initial_state(set_aside_unreadable=True)
   start_step = int(jax.device_get(state.step))
   writer = MetricWriter(workdir, resume_step=start_step,  # Drops lines of lost steps.
                         enabled=lead)
@@ -177,55 +312,104 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     writer.write(step, result, prefix="eval_")
     return result
 
-  # 5) Train: host syncs only at log points; checkpoints carry the data position.
+  def save(step: int) -> None:
+    if not bool(jax.device_get(_params_finite(state.params))):  # Never write non-finite.
+      run.checkpointer.wait()
+      raise TrainingDiverged(f"parameters are not finite at step {step}, so it was not "
+                             f"checkpointed (latest: step {run.checkpointer.latest_step()}). "
+                             "Lower train.learning_rate, then rerun (it resumes).")
+    run.checkpointer.save(step, state, data_iter.get_state())
+
+  # 5) Train: one step in flight; host syncs only for the divergence check of the step
+  #    before, and at log points. Checkpoints carry the data position.
   last_stop = train_cfg.steps if stop_after is None else min(stop_after, train_cfg.steps)
   bar = tqdm.tqdm(total=train_cfg.steps, initial=start_step, unit="step", dynamic_ncols=True,
-                  disable=jax.process_index() != 0)
+                  disable=not lead)
   pending: list[dict[str, jax.Array]] = []
   window_start, window_steps = time.perf_counter(), 0
-  for step in range(start_step + 1, last_stop + 1):
-    batch = sharding.put_batch(next(data_iter), run.mesh)
-    with jax.transfer_guard("disallow"):
-      state, metrics = step_fn(state, batch)
-    pending.append(metrics)
-    window_steps += 1
-    if step % train_cfg.log_every == 0 or step == last_stop:
-      fetched = jax.device_get(pending)
-      elapsed = time.perf_counter() - window_start
-      tokens_per_s = window_steps * tokens_per_step / elapsed
-      for offset, m in enumerate(fetched):
-        s = step - len(fetched) + 1 + offset
-        record = {"loss": m["loss"], "grad_norm": m["grad_norm"],
-                  "learning_rate": float(schedule(s - 1)),
-                  **{k: v for k, v in m.items() if k.startswith("moe/")}}
-        if s == step:
-          record.update(tokens_per_s=tokens_per_s,
-                        model_tflops_per_s=tokens_per_s * flops_per_token / 1e12)
-        writer.write(s, record)
-      bar.set_postfix(loss=f"{float(fetched[-1]['loss']):.3f}", tok_s=f"{tokens_per_s:,.0f}")
-      bar.update(window_steps)
-      pending, window_start, window_steps = [], time.perf_counter(), 0
-    if train_cfg.eval_every and step % train_cfg.eval_every == 0 and step != train_cfg.steps:
-      result = run_eval(step, config.eval.max_batches)
-      bar.write(f"step {step}: eval loss {result['loss']:.4f}  "
-                f"bits/byte {result['bits_per_byte']:.4f}")
-      window_start = time.perf_counter()  # Keep eval time out of tokens/s.
-    every = train_cfg.checkpoint_every
-    if step == last_stop or (every and step % every == 0):
-      run.checkpointer.save(step, state, data_iter.get_state())
-  bar.close()
-  run.checkpointer.close()
+  stop = StopRequests()
+  done, stopped = start_step, None
 
-  if last_stop < train_cfg.steps:
+  def log(step: int) -> None:
+    """Writes the pending steps' metrics (the last one is `step`)."""
+    nonlocal pending, window_start, window_steps
+    fetched = jax.device_get(pending)
+    elapsed = time.perf_counter() - window_start
+    tokens_per_s = window_steps * tokens_per_step / elapsed
+    for offset, m in enumerate(fetched):
+      s = step - len(fetched) + 1 + offset
+      applied_before = s - 1 - (m["skipped_steps"] - (m["consecutive_skips"] > 0))
+      record = {"loss": m["loss"], "grad_norm": m["grad_norm"],
+                "learning_rate": float(schedule(applied_before)),  # Skips do not count.
+                "skipped_steps": m["skipped_steps"],
+                **{k: v for k, v in m.items() if k.startswith("moe/")}}
+      if s == step:
+        record.update(tokens_per_s=tokens_per_s,
+                      model_tflops_per_s=tokens_per_s * flops_per_token / 1e12)
+      writer.write(s, record)
+    postfix = dict(loss=f"{float(fetched[-1]['loss']):.3f}", tok_s=f"{tokens_per_s:,.0f}")
+    if int(fetched[-1]["skipped_steps"]):
+      postfix["skipped"] = int(fetched[-1]["skipped_steps"])
+    bar.set_postfix(postfix)
+    bar.update(window_steps)
+    pending, window_start, window_steps = [], time.perf_counter(), 0
+
+  def check_divergence(checked: int, latest: int) -> None:
+    """Stops if step `checked` ended a run of max_skipped_steps skips (`latest`: the
+    newest step dispatched, whose metrics are the last pending)."""
+    metrics = pending[len(pending) - 1 - (latest - checked)]
+    if int(jax.device_get(metrics["consecutive_skips"])) >= train_cfg.max_skipped_steps:
+      log(latest)  # Record what was computed, non-finite losses included.
+      run.checkpointer.wait()
+      raise TrainingDiverged(_diverged_message(checked, config, run.checkpointer.latest_step()))
+
+  try:
+    with stop.installed():
+      for step in range(start_step + 1, last_stop + 1):
+        batch = sharding.put_batch(next(data_iter), run.mesh)
+        with jax.transfer_guard("disallow"):
+          state, metrics = step_fn(state, batch)
+        pending.append(metrics)
+        window_steps += 1
+        done = step
+        if len(pending) > 1:  # One step in flight: check the one before it.
+          check_divergence(step - 1, step)
+        if step % train_cfg.log_every == 0 or step == last_stop:
+          check_divergence(step, step)
+          log(step)
+        if train_cfg.eval_every and step % train_cfg.eval_every == 0 and step != train_cfg.steps:
+          result = run_eval(step, config.eval.max_batches)
+          bar.write(f"step {step}: eval loss {result['loss']:.4f}  "
+                    f"bits/byte {result['bits_per_byte']:.4f}")
+          window_start = time.perf_counter()  # Keep eval time out of tokens/s.
+        every = train_cfg.checkpoint_every
+        reason = stop.requested(step)
+        if step == last_stop or (every and step % every == 0) or reason:
+          save(step)
+        if reason:
+          if pending:
+            log(step)
+          stopped = Stopped(step, reason)
+          break
+    run.checkpointer.wait()  # The last save must be complete (and may have failed).
+  except BaseException:
     writer.close()
-    return None
+    raise
+  finally:
+    bar.close()
+    run.checkpointer.close()  # Waits for a save in flight on every exit path.
+
+  if stopped is None and last_stop < train_cfg.steps:
+    stopped = Stopped(done, "stop_after")
+  if stopped is not None:
+    writer.close()
+    return stopped
 
   # 6) Final held-out evaluation over the whole split, and a sample.
   result = run_eval(train_cfg.steps, 0)
   writer.close()
   if lead:
     (workdir / "eval.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-  s = config.sample
   if s.max_new_tokens > 0:  # Every process takes part in generation; process 0 writes.
     text = run.sample(state.params, s.prompt, s.max_new_tokens, s.temperature, s.top_k,
                       config.seed)

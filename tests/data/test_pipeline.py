@@ -8,7 +8,7 @@ import numpy as np
 
 from dsv2_jax.data import pipeline, sources
 from dsv2_jax.data.tokenizer import ByteTokenizer
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def take(iterator, n):

@@ -9,7 +9,7 @@ import numpy as np
 
 from dsv2_jax.infer.generate import generate, sample_token
 from dsv2_jax.model.transformer import build_model
-from tests.model.test_transformer import small_model_config
+from tests.helpers import small_model_config
 
 
 def test_greedy_generation_matches_full_forward_argmax():

@@ -37,9 +37,9 @@ def check_against_oracle(x, w_in, w_out, idx, weights, act_name, path, tile=0, f
   limit = moe_dispatch.capacity(idx.size, e, factor)
 
   def ours(x, w_in, w_out, weights):
-    return moe_dispatch.grouped_ffn(x, idx, weights, w_in, w_out, act=act, gated=gated,
-                                    dtype=jnp.float32, path=path, tile=tile,
-                                    max_tile=max_tile or tile, capacity_limit=limit)
+    return moe_dispatch.routed_ffn(x, idx, weights, w_in, w_out, act=act, gated=gated,
+                                   dtype=jnp.float32, path=path, tile=tile,
+                                   max_tile=max_tile or tile, capacity_limit=limit)
 
   y, plan = jax.jit(ours)(x, w_in, w_out, weights)
   keep = np.asarray(plan.dest) < plan.source.shape[0]
@@ -92,8 +92,8 @@ def test_capacity_drops_overflow_in_token_order_and_dropped_pairs_contribute_zer
   expected = np.array([np.sum(flat[:i] == flat[i]) < limit for i in range(flat.size)])
   np.testing.assert_array_equal(keep.ravel(), expected)
   # A token whose every pair is dropped gets exactly zero output.
-  y, _ = moe_dispatch.grouped_ffn(x, idx, weights, w_in, w_out, act=jax.nn.silu, gated=True,
-                                  dtype=jnp.float32, path=path, tile=4, capacity_limit=limit)
+  y, _ = moe_dispatch.routed_ffn(x, idx, weights, w_in, w_out, act=jax.nn.silu, gated=True,
+                                 dtype=jnp.float32, path=path, tile=4, capacity_limit=limit)
   all_dropped = ~keep.any(axis=1)
   assert all_dropped.any()
   assert np.all(np.asarray(y)[all_dropped] == 0.0)

@@ -17,8 +17,7 @@ import pytest
 from dsv2_jax import config as config_lib
 from dsv2_jax.model import remat
 from dsv2_jax.model.transformer import DecoderBlock
-from tests.conftest import tiny_config
-from tests.model.test_transformer import MOE, init, small_model_config
+from tests.helpers import MOE, init, small_model_config, tiny_config
 
 DSA_MOE = dict(attention="dsa", dsa=dict(window=4, block=4, budget_value=0.3), moe=MOE)
 POLICY_CASES = [("full", ""), ("dots", ""), ("layered", ""), ("offload", ""),

@@ -8,28 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv2_jax import config as config_lib
 from dsv2_jax.model.transformer import build_model
-
-
-MOE = dict(num_experts=4, top_k=2, gate_hidden=8, expert_hidden=16)
-
-
-def small_model_config(**kw):
-  c = config_lib.default_config().model
-  c.update(d_model=32, num_layers=2, num_heads=4, ffn_hidden=48, vocab_size=258,
-           max_seq_len=64)
-  c.dsa.update(kw.pop("dsa", {}))
-  c.moe.update(kw.pop("moe", {}))
-  c.update(kw)
-  return c
-
-
-def init(cfg, t=16, b=2, seed=0):
-  model = build_model(cfg)
-  tokens = jnp.asarray(np.random.RandomState(seed).randint(0, 256, (b, t)), jnp.int32)
-  params = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), tokens))["params"]
-  return model, params, tokens
+from tests.helpers import MOE, init, small_config, small_model_config
 
 
 VARIANTS = [
@@ -153,8 +133,7 @@ def test_moe_model_trains_with_balancing_and_logs_expert_load():
   from dsv2_jax.train.optimizer import build_optimizer  # pylint: disable=g-import-not-at-top
   from dsv2_jax.train.state import create_train_state  # pylint: disable=g-import-not-at-top
   from dsv2_jax.train.step import jit_train_step  # pylint: disable=g-import-not-at-top
-  c = config_lib.default_config()
-  c.model = small_model_config(num_layers=2, moe=dict(MOE, balance_bias_rate=0.01))
+  c = small_config(num_layers=2, moe=dict(MOE, balance_bias_rate=0.01))
   c.train.update(steps=10, warmup_steps=0, learning_rate=1e-2)
   mesh = sharding.make_mesh(c.mesh)
   model, tx = build_model(c.model), build_optimizer(c.train)

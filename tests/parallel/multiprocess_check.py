@@ -1,7 +1,7 @@
 """One process of a multi-process run, or the single-process reference (test_multiprocess.py).
 
-  python tests/parallel/multiprocess_check.py --num_processes 2 --process_id I --port P
-  python tests/parallel/multiprocess_check.py --num_processes 1
+  python -m tests.parallel.multiprocess_check --num_processes 2 --process_id I --port P
+  python -m tests.parallel.multiprocess_check --num_processes 1
 
 Either way the run has 8 CPU devices in all (4 per process with 2 processes) and a
 data=2 x fsdp=2 x tensor=2 mesh across them, and trains 3 steps of a tiny model on the
@@ -25,12 +25,12 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dsv2_jax import config as config_lib  # noqa: E402
 from dsv2_jax.model.transformer import build_model  # noqa: E402
 from dsv2_jax.parallel import distributed, sharding  # noqa: E402
 from dsv2_jax.train.optimizer import build_optimizer  # noqa: E402
 from dsv2_jax.train.state import create_train_state  # noqa: E402
 from dsv2_jax.train.step import jit_train_step  # noqa: E402
+from tests.helpers import small_config  # noqa: E402
 
 if args.num_processes > 1:
   distributed.initialize(f"localhost:{args.port}", args.num_processes, args.process_id)
@@ -51,8 +51,7 @@ def global_batch(mesh, seed: int) -> dict[str, jax.Array]:
 
 
 def main():
-  c = config_lib.default_config()
-  c.model.update(d_model=32, num_layers=2, num_heads=4, ffn_hidden=64, max_seq_len=LENGTH)
+  c = small_config(ffn_hidden=64, max_seq_len=LENGTH)
   c.train.update(steps=10, warmup_steps=1, learning_rate=1e-2)
   c.mesh = ml_collections.ConfigDict(sharding.parse_mesh("data=2,fsdp=2,tensor=2"))
   mesh = sharding.make_mesh(c.mesh)

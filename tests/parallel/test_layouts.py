@@ -1,7 +1,7 @@
 """Every parallel layout trains like one device: loss, gradients, MoE metrics, checkpoints.
 
-Each test runs `multidevice_check.py` in a fresh process with 8 simulated CPU devices;
-the unsharded single-device model is the oracle. The default suite covers each layout
+Each test runs `python -m experiments.layouts` in a fresh process with 8 simulated CPU
+devices; the unsharded single-device model is the oracle. The default suite covers each layout
 once (models rotated); `-m slow` runs every layout with every model.
 """
 
@@ -15,9 +15,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
-
-CHECK = REPO / "tests" / "parallel" / "multidevice_check.py"
+from tests.helpers import REPO
 LOSS_RTOL, GRAD_RTOL = 1e-4, 1e-3  # Issue 6 targets (f32).
 
 DEFAULT_CASES = [  # Every mesh axis, each model, and accumulation, in four runs.
@@ -33,12 +31,12 @@ ALL_CASES = list(itertools.product(
 
 def run_check(*args: str) -> dict:
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, str(CHECK), *args], capture_output=True, text=True,
-                        env=env, cwd=REPO, timeout=1800)
+  proc = subprocess.run([sys.executable, "-m", "experiments.layouts", *args],
+                        capture_output=True, text=True, env=env, cwd=REPO, timeout=1800)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout)
-  assert out.pop("devices") == 8
-  return out
+  assert out["devices"] == 8
+  return out["cases"]
 
 
 def assert_matches_single_device(out: dict) -> None:

@@ -11,9 +11,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
-
-CHECK = REPO / "tests" / "parallel" / "multiprocess_check.py"
+from tests.helpers import REPO
 
 
 def free_port() -> int:
@@ -24,7 +22,8 @@ def free_port() -> int:
 
 def launch(*args: str) -> subprocess.Popen:
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.Popen([sys.executable, str(CHECK), *args], stdout=subprocess.PIPE,
+  return subprocess.Popen([sys.executable, "-m", "tests.parallel.multiprocess_check", *args],
+                          stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
 
 

@@ -1,23 +1,29 @@
-"""Run in a fresh process with 8 simulated CPU devices (see test_layouts.py).
+"""Every parallel layout against one device, on 8 simulated CPU devices (docs/parallel.md).
 
-  python tests/parallel/multidevice_check.py CASES_JSON
+  python -m experiments.layouts CASES_JSON [--out FILE]
 
 CASES_JSON is a list of [layout, model] pairs (names from LAYOUTS and MODELS). For each
 model, the unsharded single-device run is the oracle: its gradients at init and its
-losses over 3 training steps. Each case prints, as one JSON object, the largest relative
-loss difference, the largest relative gradient difference (per parameter: max |g - g_ref|
-over max |g_ref|), and the per-device shard shapes of a few parameters.
+losses over 3 training steps. Each case reports the largest relative loss difference,
+the largest relative gradient difference (per parameter: max |g - g_ref| over
+max |g_ref|), the MoE metrics' differences, the collectives in the compiled step and the
+per-device shard shapes of a few parameters, e.g. (docs/results.md section 6.1):
 
-  python tests/parallel/multidevice_check.py --checkpoint MODEL LAYOUTS_JSON
+  python -m experiments.layouts '[["fsdp8","dsa"],["dp2_tp4_accum2","dense"]]'
+
+  python -m experiments.layouts --checkpoint MODEL LAYOUTS_JSON
 
 trains 1 step under `fsdp8`, saves, restores under each layout (`single`: one device)
-and prints the largest difference of the restored state from the saved one.
+and reports the largest difference of the restored state from the saved one.
 
-  python tests/parallel/multidevice_check.py --generate MODEL LAYOUTS_JSON
+  python -m experiments.layouts --generate MODEL LAYOUTS_JSON
 
 generates greedily from the same prompts under each layout and on one device.
+The JSON goes to stdout, or to --out. tests/parallel/test_layouts.py runs these checks
+(XLA's heavy passes are off: the models are tiny and compile time dominates).
 """
 
+import argparse
 import json
 import os
 import sys
@@ -41,6 +47,7 @@ from dsv2_jax.train.checkpoint import Checkpointer  # noqa: E402
 from dsv2_jax.train.optimizer import build_optimizer  # noqa: E402
 from dsv2_jax.train.state import abstract_state, create_train_state  # noqa: E402
 from dsv2_jax.train.step import batch_grads, jit_train_step  # noqa: E402
+from experiments import common  # noqa: E402
 
 LAYOUTS = {
     "single": dict(data=1),
@@ -199,16 +206,25 @@ def check_generation(model_name: str, layouts: list[str]) -> dict:
   return out
 
 
-def main():
-  if sys.argv[1] == "--generate":
-    result = check_generation(sys.argv[2], json.loads(sys.argv[3]))
-  elif sys.argv[1] == "--checkpoint":
-    result = check_checkpoint(sys.argv[2], json.loads(sys.argv[3]))
+def main(argv: list[str]) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("cases", help="JSON list of [layout, model] pairs; with --checkpoint "
+                      "or --generate, a JSON list of layouts.")
+  group = parser.add_mutually_exclusive_group()
+  group.add_argument("--checkpoint", metavar="MODEL", help="Save under fsdp8, restore under "
+                     "each layout.")
+  group.add_argument("--generate", metavar="MODEL", help="Greedy generation per layout.")
+  parser.add_argument("--out", default="-", help="JSON file ('-': stdout).")
+  args = parser.parse_args(argv)
+  if args.generate:
+    cases = check_generation(args.generate, json.loads(args.cases))
+  elif args.checkpoint:
+    cases = check_checkpoint(args.checkpoint, json.loads(args.cases))
   else:
-    result = check_layouts(json.loads(sys.argv[1]))
-  result["devices"] = jax.device_count()
-  json.dump(result, sys.stdout)
+    cases = check_layouts(json.loads(args.cases))
+  common.write({"command": common.command("experiments.layouts", argv),
+                "devices": jax.device_count(), "cases": cases}, args.out)
 
 
 if __name__ == "__main__":
-  main()
+  main(sys.argv[1:])

@@ -1,22 +1,23 @@
 """Expert parallelism: experts split over a mesh axis, tokens exchanged with all-to-all.
 
-The MoE layer calls `grouped_ffn` with logical shapes only. When the logical `expert`
-axis maps to a mesh axis of size ep > 1 (under `sharding.activation_rules`), each device
-holds E / ep experts and, inside `shard_map`:
+The MoE layer calls `mesh_routed_ffn` with logical shapes only. When the logical
+`expert` axis maps to a mesh axis of size ep > 1 (under `sharding.activation_rules`), each
+device holds E / ep experts and, inside `shard_map`:
 
   1. routes its own tokens: each (token, choice) pair goes to the shard owning its expert,
-     into a fixed send buffer [ep, C, D] (slot r of shard s; C = X_local k, so no pair is
-     ever dropped: the exchange is exact, dropless, like the single-device layer);
+     into a fixed send buffer [ep, X A, D] (X A: the device's own pairs; one shard may
+     receive all of them, so no pair is ever dropped: the exchange is exact, dropless,
+     like the single-device layer);
   2. `all_to_all` over the expert axis: every shard receives the rows for its experts;
-  3. runs its local experts with the same grouped FFN as one device (`moe_dispatch`);
-     empty slots are marked and never executed;
-  4. `all_to_all` back, then each token sums its k outputs with the routing weights.
+  3. runs its local experts with the same grouped FFN as one device
+     (`moe_dispatch.routed_ffn`); empty slots are marked and never executed;
+  4. `all_to_all` back, then each token sums its A outputs with the routing weights.
 
 Without an expert axis, but with tokens split over data axes, each shard dispatches its
 own tokens to the (replicated) experts: no exchange, and no global sort. A tensor split
 of the expert hidden width (`expert_mlp`) stays inside `shard_map`: each tensor rank runs
 its slice of every expert and the outputs are summed (Megatron column -> row). On one
-device it is `moe_dispatch.grouped_ffn` unchanged: the oracle the tests compare against.
+device it is `moe_dispatch.routed_ffn` unchanged: the oracle the tests compare against.
 An FSDP split of the expert weights is gathered before `shard_map`.
 """
 
@@ -47,17 +48,17 @@ class DispatchStats(NamedTuple):
   executed_rows: jax.Array
 
 
-def grouped_ffn(x: jax.Array, expert_idx: jax.Array, weights: jax.Array, w_in: jax.Array,
-                w_out: jax.Array, *, capacity_factor: float = 0.0, **ffn_kwargs
-                ) -> tuple[jax.Array, DispatchStats]:
+def mesh_routed_ffn(x: jax.Array, expert_idx: jax.Array, weights: jax.Array, w_in: jax.Array,
+                    w_out: jax.Array, *, capacity_factor: float = 0.0, **ffn_kwargs
+                    ) -> tuple[jax.Array, DispatchStats]:
   """Routed experts on tokens, expert-parallel when the mesh splits experts.
 
   Args:
-    x: [X, D] tokens; expert_idx, weights: [X, k].
+    x: [X, D] tokens; expert_idx, weights: [X, A].
     w_in: [E, D, 2, F] (gated) or [E, D, F]; w_out: [E, F, D].
     capacity_factor: > 0 limits each expert to capacity_factor x (pairs / E) rows, counted
       over the pairs of one data shard (with ep > 1: of the ep shards that exchange).
-    ffn_kwargs: act, gated, dtype, path, tile, max_tile (see `moe_dispatch.grouped_ffn`).
+    ffn_kwargs: act, gated, dtype, path, tile, max_tile (see `moe_dispatch.routed_ffn`).
 
   Returns:
     ([X, D] outputs, stats).
@@ -117,8 +118,8 @@ def _dispatch_here(x, expert_idx, weights, w_in, w_out, capacity_factor, ffn_kwa
                    ) -> tuple[jax.Array, DispatchStats]:
   """The single-device layer on the tokens and experts at hand (the oracle's path)."""
   limit = moe_dispatch.capacity(expert_idx.size, w_out.shape[0], capacity_factor)
-  y, plan = moe_dispatch.grouped_ffn(x, expert_idx, weights, w_in, w_out,
-                                     capacity_limit=limit, **ffn_kwargs)
+  y, plan = moe_dispatch.routed_ffn(x, expert_idx, weights, w_in, w_out,
+                                    capacity_limit=limit, **ffn_kwargs)
   return y, DispatchStats(plan.group_sizes, plan.dropped, plan.executed_rows)
 
 
@@ -128,27 +129,27 @@ def _exchange_and_run(x, expert_idx, weights, w_in, w_out, *, axis, ep, capacity
   x_local, k = expert_idx.shape
   e_local = w_out.shape[0]
   pairs = x_local * k
-  slots = pairs  # C: one shard may receive every pair of this device.
-  shard = (expert_idx // e_local).reshape(pairs)  # [P] destination shard of each pair.
+  slots = pairs  # Per destination shard: one shard may receive every pair of this device.
+  shard = (expert_idx // e_local).reshape(pairs)  # [X A] destination shard of each pair.
   # Slot of each pair in the send buffer: shard-major, token order within a shard.
   order = jnp.argsort(shard, stable=True)
   counts = jnp.bincount(shard, length=ep)
   rank = jnp.arange(pairs) - (jnp.cumsum(counts) - counts)[shard[order]]
   slot = jnp.zeros((pairs,), jnp.int32).at[order].set(
-      (shard[order] * slots + rank).astype(jnp.int32))  # [P]
+      (shard[order] * slots + rank).astype(jnp.int32))  # [X A]
   slot_pair = jnp.full((ep * slots,), pairs, jnp.int32).at[slot].set(
-      jnp.arange(pairs, dtype=jnp.int32))  # [ep C] pair in each slot (P: empty).
-  send = moe_dispatch.take_rows(x, slot_pair // k, slot.reshape(x_local, k))  # [ep C, D]
+      jnp.arange(pairs, dtype=jnp.int32))  # [ep X A] pair in each slot (X A: empty).
+  send = moe_dispatch.take_rows(x, slot_pair // k, slot.reshape(x_local, k))  # [ep X A, D]
   local_expert = jnp.append(expert_idx.reshape(pairs) % e_local, e_local)[slot_pair]
 
-  exchange = lambda a: jax.lax.all_to_all(  # noqa: E731  [ep, C, ...] by shard, both ways.
+  exchange = lambda a: jax.lax.all_to_all(  # noqa: E731  [ep, X A, ...] by shard, both ways.
       a.reshape(ep, slots, *a.shape[1:]), axis, 0, 0).reshape(a.shape)
   rows, row_expert = exchange(send), exchange(local_expert)  # From every source shard.
   limit = moe_dispatch.capacity(ep * pairs, e_local * ep, capacity_factor)
   ones = jnp.ones((ep * slots, 1), weights.dtype)
-  out, plan = moe_dispatch.grouped_ffn(rows, row_expert[:, None], ones, w_in, w_out,
-                                       capacity_limit=limit, **ffn_kwargs)
-  back = exchange(out)  # [ep C, D] in this device's send layout.
+  out, plan = moe_dispatch.routed_ffn(rows, row_expert[:, None], ones, w_in, w_out,
+                                      capacity_limit=limit, **ffn_kwargs)
+  back = exchange(out)  # [ep X A, D] in this device's send layout.
   picked = moe_dispatch.take_rows(back, slot, slot_pair[:, None]).reshape(x_local, k, -1)
-  y = jnp.einsum("XKD,XK->XD", picked, weights.astype(picked.dtype))
+  y = jnp.einsum("XAD,XA->XD", picked, weights.astype(picked.dtype))
   return y, plan.group_sizes, plan.dropped, plan.executed_rows

@@ -1,0 +1,65 @@
+"""What tests share: the repository path and the small configs they build on.
+
+Tests import this module (`from tests import helpers`), never each other; conftest.py
+keeps only fixtures. Every small model here is one `small_model_config` with fields
+changed, so a test names only what it varies.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dsv2_jax import config as config_lib
+from dsv2_jax.model.transformer import build_model
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# A small GMoE: 4 experts, top-2, tiny gate and experts (compiles in seconds).
+MOE = dict(num_experts=4, top_k=2, gate_hidden=8, expert_hidden=16)
+
+
+def small_model_config(**fields) -> ml_collections.ConfigDict:
+  """The model config of a 2-layer, width-32 byte LM (4 heads, FFN 48, 64 positions).
+
+  `fields` change model fields; `dsa=` and `moe=` take dicts of their sub-fields.
+  """
+  c = config_lib.default_config().model
+  c.update(d_model=32, num_layers=2, num_heads=4, ffn_hidden=48, vocab_size=258,
+           max_seq_len=64)
+  c.dsa.update(fields.pop("dsa", {}))
+  c.moe.update(fields.pop("moe", {}))
+  c.update(fields)
+  return c
+
+
+def small_config(seq_len: int = 0, batch_size: int = 8, **fields) -> ml_collections.ConfigDict:
+  """A whole config around `small_model_config(**fields)`; seq_len 0 = max_seq_len."""
+  c = config_lib.default_config()
+  c.model = small_model_config(**fields)
+  c.data.update(seq_len=seq_len or c.model.max_seq_len, batch_size=batch_size)
+  return c
+
+
+def init(cfg: ml_collections.ConfigDict, t: int = 16, b: int = 2, seed: int = 0):
+  """The model of model config `cfg`, its unboxed params and [b, t] random byte tokens."""
+  model = build_model(cfg)
+  tokens = jnp.asarray(np.random.RandomState(seed).randint(0, 256, (b, t)), jnp.int32)
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), tokens))["params"]
+  return model, params, tokens
+
+
+def tiny_config(data_dir: str) -> ml_collections.ConfigDict:
+  """A trainer config: the small model (FFN 64) on the Lee news corpus, 6 steps in seconds."""
+  c = small_config(seq_len=32, batch_size=4, ffn_hidden=64, max_seq_len=128)
+  c.data.update(dataset="lee_news", data_dir=data_dir)
+  c.train.update(steps=6, warmup_steps=2, learning_rate=3e-3, log_every=2, eval_every=0,
+                 checkpoint_every=3, async_checkpointing=False)
+  c.eval.update(batch_size=32, max_batches=2)
+  c.sample.update(max_new_tokens=8)
+  return c

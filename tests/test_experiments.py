@@ -1,0 +1,44 @@
+"""experiments/common.py: config specs as the CLI reads them, the JSON report, the machine."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+
+import pytest
+
+from experiments import common
+
+
+def test_config_spec_takes_arguments_then_overrides():
+  spec = common.with_args("configs/tiny.py:steps=7", "moe=8x2", "")
+  assert spec == "configs/tiny.py:steps=7,moe=8x2"
+  assert common.with_args("configs/tiny.py", "remat=full") == "configs/tiny.py:remat=full"
+  c = common.load_config(spec, ["--config.model.num_layers=2", "--config.seed=3"])
+  assert (c.train.steps, c.model.moe.num_experts, c.model.num_layers, c.seed) == (7, 8, 2, 3)
+
+
+def test_parse_args_keeps_config_overrides_and_rejects_other_flags():
+  parser = argparse.ArgumentParser()
+  common.add_config_flag(parser, "configs/tiny.py")
+  args = common.parse_args(parser, ["--config", "configs/tiny.py:steps=5",
+                                    "--config.model.d_model=64"])
+  assert args.config == "configs/tiny.py:steps=5"
+  assert args.overrides == {"config": ["--config.model.d_model=64"]}
+  with pytest.raises(SystemExit):
+    common.parse_args(parser, ["--nope=1"])
+
+
+def test_write_records_the_machine_and_skips_the_plot_without_matplotlib(
+    tmp_path, monkeypatch, capsys):
+  real_find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+  plotted = []
+  common.write({"summary": {"x": 1}}, str(tmp_path / "r.json"), plotted.append)
+  out = capsys.readouterr().out
+  assert not plotted and "plot skipped" in out and "'.[bench]'" in out
+  machine = json.loads((tmp_path / "r.json").read_text())["machine"]
+  assert {"cpu", "avx512", "amx", "backend", "device", "jax"} <= set(machine)
+  assert isinstance(machine["avx512"], bool) and machine["cpu"]
