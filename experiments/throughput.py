@@ -7,8 +7,8 @@ the same dtype (bf16 inputs accumulate in f32). Compared cases are interleaved a
 repeated, because this CPU's speed drifts over minutes.
 
 The model is `--config FILE[:args]` (plus `--config.a.b=v` overrides). The default is the
-Llama-like reference shape of issue 2, configs/tiny.py at width 256: 4 layers, 4 heads,
-FFN 1024, sequence 256, batch 8 (SwiGLU, RMSNorm, RoPE, untied head);
+Llama-like reference shape (docs/results.md section 2), configs/tiny.py at width 256:
+4 layers, 4 heads, FFN 1024, sequence 256, batch 8 (SwiGLU, RMSNorm, RoPE, untied head);
 `--config configs/tiny.py` measures the README's main job.
 
 Peer (when importable): PyTorch + HF transformers' LlamaForCausalLM with the same
@@ -41,7 +41,7 @@ from dsv2_jax.train.state import create_train_state
 from dsv2_jax.train.step import jit_train_step
 from experiments import common
 
-REFERENCE = "configs/tiny.py:width=256,seq_len=256,batch_size=8"  # Issue 2's shape.
+REFERENCE = "configs/tiny.py:width=256,seq_len=256,batch_size=8"  # The reference shape.
 
 
 def with_dtype(config, dtype: str):

@@ -93,32 +93,42 @@ def all_finite(tree: Any) -> jax.Array:
 
 
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
-               tx: optax.GradientTransformation, accum_steps: int = 1
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+               tx: optax.GradientTransformation, accum_steps: int = 1,
+               skip_non_finite: bool = True) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the mean token loss of `batch` (see `batch_grads`).
 
-  Non-finite guard: when the loss, the gradient norm or any new parameter is not
-  finite, the update is not applied (parameters, optimizer state and the MoE balancing
+  Non-finite guard: when the loss or the gradient norm is not finite, the update is
+  not applied (parameters, optimizer state and the MoE balancing
   bias stay as they were), while the step counter and RNG advance as usual, so the
   data position moves on. `skipped_steps` and `consecutive_skips` count such steps;
   the trainer stops after `train.max_skipped_steps` in a row. (optax.apply_if_finite
   guards the optimizer alone and applies the update anyway after its limit.)
+  `skip_non_finite=False` drops the guard (its cost: experiments/guard_overhead.py).
   """
   rng, dropout_rng = jax.random.split(state.rng)
   grads, loss, moe_metrics, intermediates = batch_grads(
       state.params, batch, dropout_rng, model=model, accum_steps=accum_steps)
   grad_norm = optax.global_norm(grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  if model.cfg.moe.num_experts:
-    params = moe_stats.update_balance_bias(params, intermediates,
-                                           model.cfg.moe.balance_bias_rate)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params)
-  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+
+  def apply_update(params_and_opt_state):
+    params, opt_state = params_and_opt_state
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    if model.cfg.moe.num_experts:
+      params = moe_stats.update_balance_bias(params, intermediates,
+                                             model.cfg.moe.balance_bias_rate)
+    return params, opt_state
+
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  if skip_non_finite:  # A conditional, so the update still runs in place (no state copy).
+    params, opt_state = jax.lax.cond(finite, apply_update, lambda x: x,
+                                     (state.params, state.opt_state))
+  else:
+    params, opt_state = apply_update((state.params, state.opt_state))
+    finite = jnp.asarray(True)
   skipped = (~finite).astype(jnp.int32)
   new_state = state.replace(
-      step=state.step + 1, params=keep(params, state.params),
-      opt_state=keep(opt_state, state.opt_state), rng=rng,
+      step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
       skipped_steps=state.skipped_steps + skipped,
       consecutive_skips=jnp.where(finite, 0, state.consecutive_skips + 1))
   metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": jnp.sum(batch["weights"]),
@@ -128,13 +138,14 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
 
 
 def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
-                   state_shardings: Any, accum_steps: int = 1):
+                   state_shardings: Any, accum_steps: int = 1, skip_non_finite: bool = True):
   """`train_step` compiled with explicit shardings; the input state is donated.
 
   The step is traced under the activation rules, so the model's activation constraints
   shard on `mesh` too (`sharding.activation_rules`).
   """
-  step = functools.partial(train_step, model=model, tx=tx, accum_steps=accum_steps)
+  step = functools.partial(train_step, model=model, tx=tx, accum_steps=accum_steps,
+                           skip_non_finite=skip_non_finite)
   return jax.jit(sharding.with_activation_rules(step, mesh),
                  in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),

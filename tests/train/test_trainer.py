@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -20,10 +21,12 @@ import pytest
 from dsv2_jax import config as config_lib
 from dsv2_jax.data.tokenizer import ByteTokenizer
 from dsv2_jax.infer.generate import generate
+from dsv2_jax.parallel import sharding
 from dsv2_jax.train import evaluate as evaluate_lib
 from dsv2_jax.train import trainer
 from dsv2_jax.train.checkpoint import CheckpointError
 from dsv2_jax.train.metrics import read_metrics
+from dsv2_jax.train.state import abstract_state
 from tests.helpers import REPO, tiny_config
 
 _TIMING = ("tokens_per_s", "model_tflops_per_s")
@@ -157,16 +160,14 @@ def test_non_finite_steps_stop_the_run_with_finite_checkpoints(tmp_path, data_di
   steps = run.checkpointer.all_steps()
   assert steps and max(steps) < metrics[-1]["step"]
   for step in steps:  # Every checkpoint written holds finite parameters.
-    state, _ = run.checkpointer.restore(step, *reversed(_abstract(run)))
+    state, _ = run.checkpointer.restore(step, *restore_target(run))
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
 
 
-def _abstract(run):
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  from dsv2_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
-  from dsv2_jax.train.state import abstract_state  # pylint: disable=g-import-not-at-top
+def restore_target(run):
+  """(shardings, abstract state) of `run`, the arguments of `Checkpointer.restore`."""
   boxed = abstract_state(run.model, run.tx, run.config.data.seq_len)
-  return nn.meta.unbox(boxed), sharding.logical_shardings(boxed, run.mesh)
+  return sharding.logical_shardings(boxed, run.mesh), nn.meta.unbox(boxed)
 
 
 def _slow_finalize(monkeypatch, seconds=1.0):
