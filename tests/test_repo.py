@@ -52,3 +52,28 @@ def test_readme_commands_name_configs_and_modules_that_exist():
       assert importlib.util.find_spec(module) is not None, module
       checked += 1
   assert checked >= 10
+
+
+def imported_modules(path) -> set[str]:
+  tree = ast.parse(path.read_text())
+  names = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      names |= {a.name for a in node.names}
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+  return names
+
+
+def test_parallel_is_model_agnostic_and_model_has_no_import_cycle():
+  for path in (REPO / "dsv2_jax" / "parallel").glob("*.py"):
+    assert not any(m.startswith("dsv2_jax.model") for m in imported_modules(path)), path
+  model = REPO / "dsv2_jax" / "model"
+  graph = {p.stem: {m.split(".")[2] for m in imported_modules(p)
+                    if m.startswith("dsv2_jax.model.") and m.split(".")[2] != p.stem}
+           for p in model.glob("*.py")}
+
+  def reaches(start, target, seen=()):
+    return any(n == target or (n not in seen and reaches(n, target, seen + (n,)))
+               for n in graph.get(start, ()))
+  assert not [m for m in graph if reaches(m, m)]

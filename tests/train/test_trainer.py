@@ -193,7 +193,7 @@ def test_error_path_waits_for_the_checkpoint_in_flight(tmp_path, data_dir, monke
   assert ocp.utils.checkpoint_steps(tmp_path / "checkpoints") == [3]
 
 
-@pytest.mark.parametrize("use_async", [False, True])
+@pytest.mark.parametrize("use_async", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_failed_checkpoint_write_is_one_error_and_keeps_the_previous(tmp_path, data_dir,
                                                                       monkeypatch, use_async):
   c = tiny_config(data_dir)
@@ -230,7 +230,10 @@ PREEMPT_ARGS = [
 ]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+# SIGINT takes the same handler as SIGTERM: -m slow.
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
+    ids=lambda s: s.name)
 def test_signal_checkpoints_and_resume_is_bit_identical(tmp_path, data_dir, sig):
   data = f"--config.data.data_dir={data_dir}"
   run = tmp_path / "run"
