@@ -137,15 +137,21 @@ def test_unreadable_latest_checkpoint_falls_back_and_is_kept(tmp_path, data_dir,
   assert_same_run(straight, run)
 
 
-def test_no_readable_checkpoint_is_one_error_and_nothing_is_deleted(tmp_path, data_dir):
+def test_eval_and_generate_restore_past_unreadable_steps_and_leave_them(tmp_path, data_dir):
   c = tiny_config(data_dir)
-  c.train.update(max_checkpoints=1)
-  trainer.train_and_evaluate(c, tmp_path, stop_after=3)
-  spoil(tmp_path / "checkpoints" / "3", "garbage")
-  before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+  c.train.update(checkpoint_every=2)
+  trainer.train_and_evaluate(c, tmp_path, stop_after=4)
+  listing = lambda: sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))  # noqa: E731
+  spoil(tmp_path / "checkpoints" / "4", "garbage")
+  before = listing()
+  # What `eval` and `generate` load: the newest step that restores; the bad one stays.
+  state, _, _ = trainer.Run(c, tmp_path).initial_state()
+  assert int(state.step) == 2 and listing() == before
+  spoil(tmp_path / "checkpoints" / "2", "partial")
+  before = listing()
   with pytest.raises(CheckpointError, match=r"no checkpoint under .* can be restored"):
     trainer.train_and_evaluate(c, tmp_path)
-  assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+  assert listing() == before  # Nothing moved or deleted when nothing restores.
 
 
 def test_non_finite_steps_stop_the_run_with_finite_checkpoints(tmp_path, data_dir):
