@@ -104,27 +104,21 @@ def _train() -> None:
     print("sample:\n" + sample.read_text(encoding="utf-8"))
 
 
-def _trained_run(before_restore=None):
-  """Config, Run and restored state of a trained workdir.
-
-  `before_restore(config, run)` checks flags first, so bad input fails before the
-  (slow) restore.
-  """
+def _open_run():
+  """Config and Run of a trained workdir, nothing restored yet (flags are checked first)."""
   from dsv2_jax.train import trainer  # pylint: disable=g-import-not-at-top
   workdir = _need_workdir()
   config = trainer.load_config(workdir)
   run = trainer.Run(config, workdir)
   if run.checkpointer.latest_step() is None:
     raise UsageError(f"{workdir} has no checkpoint yet: train first.")
-  if before_restore is not None:
-    before_restore(config, run)
-  state, shardings, _ = run.initial_state()
-  return config, run, state, shardings
+  return config, run
 
 
 def _eval() -> None:
   from dsv2_jax.train import evaluate  # pylint: disable=g-import-not-at-top
-  config, run, state, shardings = _trained_run()
+  config, run = _open_run()
+  state, shardings, _ = run.initial_state()
   with config.unlocked():
     if _EVAL_DATASET.value:
       config.data.dataset = _EVAL_DATASET.value
@@ -160,15 +154,11 @@ def _generation_args(config) -> tuple[str, int, float, int]:
 
 
 def _generate() -> None:
-  args = {}
-
-  def check(config, run):
-    args["value"] = _generation_args(config)
-    prompt, max_new = args["value"][:2]
-    run.check_generation_length(len(run.tokenizer.encode(prompt)), max_new)
-
-  _, run, state, _ = _trained_run(check)
-  print(run.sample(state.params, *args["value"], _SEED.value))
+  config, run = _open_run()
+  args = _generation_args(config)  # Bad flags fail before the (slow) restore.
+  run.check_generation_length(len(run.tokenizer.encode(args[0])), args[1])
+  state, _, _ = run.initial_state()
+  print(run.sample(state.params, *args, _SEED.value))
 
 
 def _info() -> None:
@@ -239,9 +229,8 @@ def _flag_error(argv: list[str], error: Exception) -> str:
   if value is not None:
     path, _, arg = value.partition(":")
     if not pathlib.Path(path).is_file():
-      shipped = sorted(str(p.relative_to(pathlib.Path.cwd())) if p.is_relative_to(
-          pathlib.Path.cwd()) else str(p) for p in (
-              pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
+      configs = pathlib.Path(__file__).resolve().parents[1] / "configs"
+      shipped = sorted(f"configs/{p.name}" for p in configs.glob("*.py"))
       return f"--config {value}: no such file {path!r}; use one of {shipped}."
     try:
       config = config_lib.from_file(path, arg or None)

@@ -136,8 +136,8 @@ def default_config() -> ml_collections.ConfigDict:
   t.checkpoint_every = 1000  # Steps between checkpoints; the last step is always saved.
   t.max_checkpoints = 3  # Checkpoints kept on disk.
   t.async_checkpointing = True  # Write checkpoints in the background.
-  # Consecutive steps with a non-finite loss, gradient or update (each one skipped, not
-  # applied) after which the run stops with exit status 2; its checkpoints stay finite.
+  # Consecutive steps with a non-finite loss or gradient (each one skipped, not applied)
+  # after which the run stops with exit status 2; its checkpoints stay finite.
   t.max_skipped_steps = 10
 
   e = c.eval = ml_collections.ConfigDict()

@@ -85,13 +85,6 @@ def batch_grads(params: Any, batch: Batch, rng: jax.Array, *, model: nn.Module,
   return grads, jnp.sum(losses), moe_metrics, intermediates
 
 
-def all_finite(tree: Any) -> jax.Array:
-  """bool scalar: every element of every leaf is finite."""
-  return functools.reduce(jnp.logical_and,
-                          [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)],
-                          jnp.asarray(True))
-
-
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
                tx: optax.GradientTransformation, accum_steps: int = 1,
                skip_non_finite: bool = True) -> tuple[TrainState, dict[str, jax.Array]]:

@@ -12,7 +12,7 @@ Running again on the same workdir resumes from the latest checkpoint and continu
 bit-identically (same params, optimizer state, RNG and data position).
 
 What can go wrong, and what happens (docs/reliability.md):
-  - a non-finite loss, gradient or update: the step is skipped (`train_step`); after
+  - a non-finite loss or gradient: the step is skipped (`train_step`); after
     `train.max_skipped_steps` in a row the run stops with `TrainingDiverged`, its
     checkpoints all finite;
   - SIGTERM / SIGINT (preemption, Ctrl-C): a checkpoint at the current step, then the
@@ -37,6 +37,7 @@ from typing import Any, Iterator
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
@@ -50,11 +51,11 @@ from dsv2_jax.model import flops
 from dsv2_jax.model.transformer import build_model
 from dsv2_jax.parallel import sharding
 from dsv2_jax.train import evaluate as evaluate_lib
-from dsv2_jax.train.checkpoint import CheckpointError, Checkpointer
+from dsv2_jax.train.checkpoint import Checkpointer
 from dsv2_jax.train.metrics import MetricWriter
 from dsv2_jax.train.optimizer import build_optimizer, learning_rate_schedule
 from dsv2_jax.train.state import TrainState, abstract_state, create_train_state
-from dsv2_jax.train.step import all_finite, jit_train_step
+from dsv2_jax.train.step import jit_train_step
 
 # Sections whose change would make a resumed run a different experiment.
 _RESUME_MUST_MATCH = ("seed", "model", "data.dataset", "data.seq_len", "data.batch_size",
@@ -83,7 +84,7 @@ class WorkdirError(ValueError):
 
 
 class TrainingDiverged(RuntimeError):
-  """Too many consecutive steps had a non-finite loss, gradient or update."""
+  """Too many consecutive steps had a non-finite loss or gradient."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,19 +182,13 @@ class Run:
   def sample(self, params: Any, prompt: str, max_new_tokens: int, temperature: float,
              top_k: int, seed: int = 0) -> str:
     """`prompt` followed by `max_new_tokens` sampled tokens, decoded."""
-    return prompt + self.tokenizer.decode(
-        self.sample_ids(params, prompt, max_new_tokens, temperature, top_k, seed))
-
-  def sample_ids(self, params: Any, prompt: str, max_new_tokens: int, temperature: float,
-                 top_k: int, seed: int = 0) -> np.ndarray:
-    """The `max_new_tokens` token ids sampled after `prompt`, int32 [max_new_tokens]."""
     ids = self.tokenizer.encode(prompt)
     self.check_generation_length(len(ids), max_new_tokens)
     # Host (numpy) inputs: replicated on every process of a multi-process run.
     tokens = generate(self.model, params, np.asarray(ids[None], np.int32),
                       np.asarray(jax.random.PRNGKey(seed)), max_new_tokens=max_new_tokens,
                       temperature=temperature, top_k=top_k, mesh=self.mesh)
-    return np.asarray(tokens[0])
+    return prompt + self.tokenizer.decode(np.asarray(tokens[0]))
 
 
 class StopRequests:
@@ -232,15 +227,18 @@ class StopRequests:
     return self.reason
 
 
-_params_finite = jax.jit(all_finite)
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  """bool scalar: every element of every leaf is finite (checked before each save)."""
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def _diverged_message(step: int, config: ml_collections.ConfigDict, latest: int | None) -> str:
   n = config.train.max_skipped_steps
   kept = (f"the latest checkpoint, step {latest}, holds finite parameters"
           if latest is not None else "no checkpoint was written")
-  return (f"training diverged: steps {step - n + 1}-{step} each had a non-finite loss, "
-          f"gradient or update (train.max_skipped_steps={n} in a row); none was applied and "
+  return (f"training diverged: steps {step - n + 1}-{step} each had a non-finite loss or "
+          f"gradient (train.max_skipped_steps={n} in a row); none was applied and "
           f"{kept}. Lower train.learning_rate (now {config.train.learning_rate:g}) or raise "
           "train.warmup_steps / train.grad_clip_norm, then rerun (it resumes) or use a "
           "fresh --workdir.")
@@ -313,7 +311,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     return result
 
   def save(step: int) -> None:
-    if not bool(jax.device_get(_params_finite(state.params))):  # Never write non-finite.
+    if not bool(jax.device_get(_all_finite(state.params))):  # Never write non-finite.
       run.checkpointer.wait()
       raise TrainingDiverged(f"parameters are not finite at step {step}, so it was not "
                              f"checkpointed (latest: step {run.checkpointer.latest_step()}). "
@@ -328,7 +326,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   pending: list[dict[str, jax.Array]] = []
   window_start, window_steps = time.perf_counter(), 0
   stop = StopRequests()
-  done, stopped = start_step, None
+  stopped = None
 
   def log(step: int) -> None:
     """Writes the pending steps' metrics (the last one is `step`)."""
@@ -354,10 +352,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     bar.update(window_steps)
     pending, window_start, window_steps = [], time.perf_counter(), 0
 
-  def check_divergence(checked: int, latest: int) -> None:
-    """Stops if step `checked` ended a run of max_skipped_steps skips (`latest`: the
-    newest step dispatched, whose metrics are the last pending)."""
-    metrics = pending[len(pending) - 1 - (latest - checked)]
+  def check_divergence(checked: int, metrics: dict[str, jax.Array], latest: int) -> None:
+    """Stops if step `checked` (its `metrics`) ended a run of max_skipped_steps skips;
+    `latest` is the newest step dispatched."""
     if int(jax.device_get(metrics["consecutive_skips"])) >= train_cfg.max_skipped_steps:
       log(latest)  # Record what was computed, non-finite losses included.
       run.checkpointer.wait()
@@ -371,11 +368,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           state, metrics = step_fn(state, batch)
         pending.append(metrics)
         window_steps += 1
-        done = step
         if len(pending) > 1:  # One step in flight: check the one before it.
-          check_divergence(step - 1, step)
+          check_divergence(step - 1, pending[-2], step)
         if step % train_cfg.log_every == 0 or step == last_stop:
-          check_divergence(step, step)
+          check_divergence(step, pending[-1], step)
           log(step)
         if train_cfg.eval_every and step % train_cfg.eval_every == 0 and step != train_cfg.steps:
           result = run_eval(step, config.eval.max_batches)
@@ -400,7 +396,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     run.checkpointer.close()  # Waits for a save in flight on every exit path.
 
   if stopped is None and last_stop < train_cfg.steps:
-    stopped = Stopped(done, "stop_after")
+    stopped = Stopped(max(start_step, last_stop), "stop_after")
   if stopped is not None:
     writer.close()
     return stopped
