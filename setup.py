@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
     "tqdm>=4.60",
+    "bm25s>=0.2.0",  # BM25 retrieval for RAG (numpy + scipy only)
 ]
 
 EXTRAS_REQUIRE = {

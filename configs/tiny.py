@@ -14,6 +14,15 @@ Every ablation is an argument after ':' (combinable, no new file):
   --config configs/tiny.py:attention=dsa,moe=8x2,remat=layered,steps=100
   --config configs/tiny.py:steps=100,seq_len=256,dataset=web_bible,width=64,layers=2
 `--config.a.b=v` flags then change any single field.
+
+Stages (SPEC 2.1; dsv2_jax/train/stages.py, docs/long_context.md). `stage=2` is the
+long-context adaptation of a finished stage-1 run: 16x the length (2,048 tokens), position
+interpolation x16, whole Wikipedia articles as single documents, 100 steps (10% of stage 1):
+  python -m dsv2_jax train --config configs/tiny.py --workdir runs/tiny
+  python -m dsv2_jax train --config configs/tiny.py:stage=2 --init_from runs/tiny \
+      --workdir runs/tiny_long
+Stage 3 (instruction tuning, RLHF) is not built yet. Every other argument combines with
+`stage=2` (e.g. attention=dsa, rope=yarn:16, seq_len=1024).
 """
 
 from dsv2_jax import config as config_lib
@@ -44,12 +53,36 @@ def parse_budget(text: str) -> tuple[str, float]:
                                "e.g. fraction:0.15, log:2 or fixed:4.")
 
 
+def parse_rope(text: str) -> tuple[str, float]:
+  """'linear:16' -> ('linear', 16.0): model.rope_scaling and rope_scale; 'none' -> 1."""
+  kind, _, factor = text.partition(":")
+  try:
+    return kind, float(factor) if factor else 1.0
+  except ValueError:
+    raise config_lib.ConfigError(f"config argument rope={text!r} must be KIND:FACTOR, e.g. "
+                                 "linear:16, ntk:16, yarn:16 or none.") from None
+
+
+STAGE1_SEQ_LEN = 128  # Stage 1's training length; stage 2 extends it (rope_original_length).
+# Per-stage defaults of the arguments left at 0 / '' (steps, seq_len, batch_size, rope,
+# packing). Stage 2 keeps the tokens per step modest: 4 rows of 2,048 tokens.
+STAGES = {
+    1: dict(steps=1000, seq_len=STAGE1_SEQ_LEN, batch_size=16, rope="none", packing="concat"),
+    2: dict(steps=100, seq_len=16 * STAGE1_SEQ_LEN, batch_size=4, rope="linear:16",
+            packing="document"),
+}
+
+
 def get_config(arg: str | None = None):
   args = config_lib.parse_arg(
       arg,
-      steps=1000,  # Optimizer steps (train.steps).
-      seq_len=128,  # Tokens per training row T (data.seq_len).
-      batch_size=16,  # Rows per optimizer step B (data.batch_size).
+      stage=1,  # Training stage (SPEC 2.1): 1 pretraining, 2 long-context adaptation.
+      steps=0,  # Optimizer steps (train.steps); 0 = the stage's default.
+      seq_len=0,  # Tokens per training row T (data.seq_len); 0 = the stage's default.
+      batch_size=0,  # Rows per optimizer step B (data.batch_size); 0 = the stage's default.
+      rope="",  # KIND:FACTOR: model.rope_scaling and rope_scale ('' = the stage's default).
+      packing="",  # data.packing: concat | document ('' = the stage's default).
+      passkey=0.0,  # data.passkey_fraction: rows turned into pass-key retrieval rows.
       dataset="wiki_excerpt",  # data.dataset: a local builder or a TFDS catalog name.
       width=128,  # Residual width D; 4 heads of D/4, SwiGLU FFN of 4D.
       layers=4,  # Decoder blocks L.
@@ -65,6 +98,13 @@ def get_config(arg: str | None = None):
       lossfree=False,  # MoE balanced by DeepSeek-V3's bias (rate 1e-3) instead of the aux loss.
       remat="none",  # model.remat_policy; any policy but none also rolls the scan (unroll 1).
   )
+  if args.stage not in STAGES:
+    raise config_lib.ConfigError(f"config argument stage={args.stage} is not built; choose "
+                                 f"one of {sorted(STAGES)} (stage 3 comes with RLHF).")
+  for key, value in STAGES[args.stage].items():
+    if not args[key]:
+      args[key] = value
+  rope, rope_scale = parse_rope(args.rope)
   c = config_lib.default_config()
   c.model.update(
       d_model=args.width,
@@ -78,6 +118,9 @@ def get_config(arg: str | None = None):
       scan_unroll=4 if args.remat == "none" else 1,
       attention=args.attention,
       remat_policy=args.remat,
+      rope_scaling=rope,
+      rope_scale=rope_scale,
+      rope_original_length=STAGE1_SEQ_LEN,
   )
   budget, budget_value = parse_budget(args.dsa_budget)
   c.model.dsa.update(window=args.dsa_window, block=args.dsa_window, score=args.dsa_score,
@@ -88,7 +131,8 @@ def get_config(arg: str | None = None):
                        expert_hidden=c.model.ffn_hidden // top_k)
   if args.lossfree:
     c.model.moe.update(aux_loss_weight=0.0, balance_bias_rate=1e-3)
-  c.data.update(dataset=args.dataset, seq_len=args.seq_len, batch_size=args.batch_size)
+  c.data.update(dataset=args.dataset, seq_len=args.seq_len, batch_size=args.batch_size,
+                packing=args.packing, passkey_fraction=args.passkey)
   c.train.update(
       steps=args.steps,
       # The article's 5e-5 peak is for a 175B model; a 1M-parameter model trains far
@@ -102,4 +146,10 @@ def get_config(arg: str | None = None):
       checkpoint_every=250,
   )
   c.eval.update(batch_size=32, max_batches=8)  # Periodic evals: 32k tokens; final: all.
+  if args.stage == 2:
+    # Adaptation, not pretraining: a 3x lower peak after a short warmup (the PI paper
+    # fine-tunes at ~1/10 of the pretraining rate), and evals of 64k tokens.
+    c.train.update(learning_rate=1e-3, warmup_steps=min(10, args.steps), eval_every=50,
+                   checkpoint_every=50, log_every=10)
+    c.eval.update(batch_size=4, max_batches=8)
   return c

@@ -2,12 +2,20 @@
 
   train     train (or resume) a run and evaluate it on held-out text
             --config FILE[:args] --workdir DIR [--config.a.b=v ...] [--stop_after N]
+            [--init_from PARENT_WORKDIR]  (a later stage: start from PARENT's parameters)
             [--mesh PRESET | --mesh AXIS=SIZE,...] [--distributed]
   eval      held-out loss / perplexity / bits per byte of a run's latest checkpoint
             --workdir DIR [--eval_dataset NAME] [--eval_split SPLIT] [--json]
-  generate  continue a prompt with a run's latest checkpoint (KV-cache sampling)
-            --workdir DIR --prompt TEXT [--max_new_tokens N --temperature T --top_k K --seed S]
-  info      total / active parameters of a config or run (shapes only)
+            [--text FILE ...] [--window W --stride S] [--rag INDEX]  (sliding windows:
+            every token scored once with >= W - S tokens of context)
+  generate  continue a prompt with a run's latest checkpoint (KV-cache sampling; past the
+            window, the window rolls forward by the stride and is recomputed)
+            --workdir DIR --prompt TEXT [--max_new_tokens N --temperature T --top_k K
+            --top_p P --seed S --window W --stride S --rag INDEX]
+  index     build a BM25 retrieval index beside a run, for --rag (passages of rag.passage_tokens)
+            --workdir DIR --corpus NAME:SPLIT|FOLDER [--corpus ...] [--index_name NAME]
+  info      total / active parameters of a config or run (shapes only); for a run,
+            also its chain of stages (train.init_from parents)
             --config FILE | --workdir DIR [--json]
   plan      per-device memory of a config on a mesh (abstract compile, nothing allocated)
             --config FILE --mesh MESH [--devices N] [--device_memory_gib G] [--json]
@@ -37,11 +45,13 @@ from ml_collections import config_flags
 
 from dsv2_jax import config as config_lib
 
-COMMANDS = ("train", "eval", "generate", "info", "plan")
+COMMANDS = ("train", "eval", "generate", "index", "info", "plan")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/*.py), optionally with ':args'.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, eval).")
+_INIT_FROM = flags.DEFINE_string(
+    "init_from", None, "train: start from this run's final parameters (train.init_from).")
 _STOP_AFTER = flags.DEFINE_integer("stop_after", None,
                                    "train: stop with a checkpoint after this many steps.")
 _PROMPT = flags.DEFINE_string("prompt", None, "generate: the prompt text.")
@@ -51,6 +61,20 @@ _TOP_K = flags.DEFINE_integer("top_k", None, "generate: sample among the top k; 
 _SEED = flags.DEFINE_integer("seed", 0, "generate: sampling seed.")
 _EVAL_DATASET = flags.DEFINE_string("eval_dataset", None, "eval: another dataset to score.")
 _EVAL_SPLIT = flags.DEFINE_string("eval_split", None, "eval: split to score.")
+_CORPUS = flags.DEFINE_multi_string(
+    "corpus", None, "index: a dataset split NAME:SPLIT (e.g. wiki_excerpt:train) or a folder "
+    "of UTF-8 .txt files; repeat to index several.")
+_INDEX_NAME = flags.DEFINE_string("index_name", "default",
+                                  "index: the index's name (saved as WORKDIR/rag/NAME).")
+_TEXT = flags.DEFINE_multi_string("text", None, "eval: UTF-8 text file(s) to score "
+                                  "(sliding windows) instead of the eval split.")
+_WINDOW = flags.DEFINE_integer("window", None, "eval/generate: sliding window in tokens "
+                               "(default eval.window / sample.window).")
+_STRIDE = flags.DEFINE_integer("stride", None, "eval/generate: window stride in tokens "
+                               "(default eval.stride / sample.stride).")
+_TOP_P = flags.DEFINE_float("top_p", None, "generate: nucleus sampling mass; 1 = off.")
+_RAG = flags.DEFINE_string("rag", None, "eval/generate: retrieval index (a name under "
+                           "WORKDIR/rag/ from the index command, or a folder).")
 _JSON = flags.DEFINE_bool("json", False, "info/eval: print JSON only.")
 _MESH = flags.DEFINE_string(
     "mesh", None, "train: replaces config.mesh; a preset (dp, fsdp, tp, dp_tp2, fsdp_tp4, "
@@ -87,6 +111,8 @@ def _train() -> None:
   if _MESH.value:
     from dsv2_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
     _CONFIG.value.mesh.update(sharding.parse_mesh(_MESH.value))
+  if _INIT_FROM.value is not None:
+    _CONFIG.value.train.init_from = _INIT_FROM.value
   result = trainer.train_and_evaluate(_CONFIG.value, workdir, stop_after=_STOP_AFTER.value)
   if jax.process_index() != 0:
     return  # Process 0 reports for all.
@@ -104,45 +130,106 @@ def _train() -> None:
     print("sample:\n" + sample.read_text(encoding="utf-8"))
 
 
-def _open_run():
+def _open_run(need_checkpoint: bool = True):
   """Config and Run of a trained workdir, nothing restored yet (flags are checked first)."""
   from dsv2_jax.train import trainer  # pylint: disable=g-import-not-at-top
   workdir = _need_workdir()
   config = trainer.load_config(workdir)
   run = trainer.Run(config, workdir)
-  if run.checkpointer.latest_step() is None:
+  if need_checkpoint and run.checkpointer.latest_step() is None:
     raise UsageError(f"{workdir} has no checkpoint yet: train first.")
   return config, run
 
 
+def _window(config, section: str, default_window: int) -> tuple[int, int]:
+  """(window, stride) from the flags, else config.<section>, else the defaults."""
+  from dsv2_jax.infer import sliding_window  # pylint: disable=g-import-not-at-top
+  window = _WINDOW.value or config[section].window or default_window
+  default_stride = window if section == "eval" else max(1, window // 4)
+  stride = _STRIDE.value or config[section].stride or default_stride
+  limit = config.model.max_seq_len
+  if window > limit:
+    raise UsageError(f"--window={window} is longer than the model takes "
+                     f"(model.max_seq_len={limit}); use --window <= {limit}.")
+  try:
+    sliding_window.check_window(window, stride)
+  except ValueError as e:
+    raise UsageError(f"--window/--stride: {e}") from None
+  return window, stride
+
+
+def _rag_index(run):
+  """The index named by --rag (loaded before any slow restore), or None."""
+  if not _RAG.value:
+    return None
+  from dsv2_jax.infer import retrieval  # pylint: disable=g-import-not-at-top
+  return retrieval.RetrievalIndex.load(retrieval.index_path(run.workdir, _RAG.value))
+
+
 def _eval() -> None:
-  from dsv2_jax.train import evaluate  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from dsv2_jax.infer import retrieval, sliding_window
+  from dsv2_jax.parallel import sharding
+  from dsv2_jax.train import evaluate
   config, run = _open_run()
-  state, shardings, _ = run.initial_state()
   with config.unlocked():
     if _EVAL_DATASET.value:
       config.data.dataset = _EVAL_DATASET.value
     if _EVAL_SPLIT.value:
       config.data.eval_split = _EVAL_SPLIT.value
+  windowed = bool(_TEXT.value or _WINDOW.value or _STRIDE.value or _RAG.value
+                  or config.eval.window or config.eval.stride)
+  texts = sliding_window.read_text_files(_TEXT.value) if _TEXT.value else None
+  index = _rag_index(run)
+  if windowed:
+    window, stride = _window(config, "eval", config.data.seq_len)
+    if index is not None and config.rag.query_tokens + stride >= window:
+      raise UsageError(f"--rag needs room for passages: rag.query_tokens "
+                       f"({config.rag.query_tokens}) + stride ({stride}) must be < window "
+                       f"({window}).")
+  state, shardings, _ = run.initial_state()
   eval_fn = evaluate.make_eval_fn(run.model, run.tokenizer, run.mesh, shardings.params)
-  result = evaluate.evaluate(eval_fn, state.params, config, run.tokenizer, run.mesh)
-  result.update(step=int(state.step), dataset=config.data.dataset, split=config.data.eval_split)
+  if not windowed:  # Packed rows of data.seq_len, as the trainer's evals.
+    result = evaluate.evaluate(eval_fn, state.params, config, run.tokenizer, run.mesh)
+    result.update(dataset=config.data.dataset, split=config.data.eval_split)
+  else:
+    if texts is None:  # The eval split's documents as one stream, as packing joins them.
+      texts = [text for _, text in retrieval.load_corpus(
+          f"{config.data.dataset}:{config.data.eval_split}", config.data.data_dir,
+          config.data.text_key)]
+    augment = None if index is None else retrieval.window_augmenter(
+        index, run.tokenizer, config.rag.top_k, config.rag.query_tokens, window)
+    result = sliding_window.score(
+        eval_fn, state.params, sliding_window.document_stream(texts, run.tokenizer),
+        window, stride, config.eval.batch_size, run.tokenizer,
+        put_batch=lambda b: sharding.put_batch(b, run.mesh), augment=augment)
+    if _TEXT.value:
+      result.update(text=list(_TEXT.value))
+    else:
+      result.update(dataset=config.data.dataset, split=config.data.eval_split)
+    if _RAG.value:
+      result.update(rag=_RAG.value, rag_top_k=config.rag.top_k,
+                    rag_query_tokens=config.rag.query_tokens)
+  result.update(step=int(state.step))
   print(json.dumps(result, indent=None if _JSON.value else 2, sort_keys=True))
 
 
-def _generation_args(config) -> tuple[str, int, float, int]:
-  """(prompt, max_new_tokens, temperature, top_k) from the flags or config.sample."""
+def _generation_args(config) -> tuple[str, int, float, int, float]:
+  """(prompt, max_new_tokens, temperature, top_k, top_p) from the flags or config.sample."""
   s = config.sample
   pick = lambda flag, default: default if flag.value is None else flag.value  # noqa: E731
   prompt = pick(_PROMPT, s.prompt)
   max_new, temperature, top_k = pick(_MAX_NEW, s.max_new_tokens), pick(_TEMPERATURE,
                                      s.temperature), pick(_TOP_K, s.top_k)
+  top_p = pick(_TOP_P, s.top_p)
   if max_new <= 0:
     raise UsageError(f"--max_new_tokens={max_new} must be a positive integer.")
   if not temperature >= 0:  # Also rejects NaN.
     raise UsageError(f"--temperature={temperature} must be >= 0 (0 = greedy).")
   if top_k < 0:
     raise UsageError(f"--top_k={top_k} must be >= 0 (0 = sample among all tokens).")
+  if not 0 < top_p <= 1:
+    raise UsageError(f"--top_p={top_p} must be in (0, 1] (1 = off).")
   if not prompt:
     raise UsageError("--prompt is empty: give the text to continue.")
   try:
@@ -150,15 +237,47 @@ def _generation_args(config) -> tuple[str, int, float, int]:
   except UnicodeEncodeError:
     raise UsageError("--prompt is not valid UTF-8 text: pass the prompt in UTF-8 (check the "
                      "terminal's locale or the file it came from).") from None
-  return prompt, max_new, temperature, top_k
+  return prompt, max_new, temperature, top_k, top_p
 
 
 def _generate() -> None:
+  from dsv2_jax.infer import retrieval  # pylint: disable=g-import-not-at-top
   config, run = _open_run()
-  args = _generation_args(config)  # Bad flags fail before the (slow) restore.
-  run.check_generation_length(len(run.tokenizer.encode(args[0])), args[1])
+  prompt, max_new, temperature, top_k, top_p = _generation_args(config)  # Before the restore.
+  window = _window(config, "sample", run.sample_window()[0])
+  index = _rag_index(run)
+  context = None
+  if index is not None:  # Passages, most relevant first, ahead of the prompt.
+    hits = index.search(prompt, config.rag.top_k)
+    augmented = retrieval.augment(run.tokenizer.encode(prompt), [p for p, _ in hits],
+                                  run.tokenizer, budget_tokens=window[0] - window[1])
+    context = augmented.ids
+    for passage, score in hits[:augmented.num_passages]:
+      print(f"retrieved {passage.doc_id}#{passage.index} (BM25 {score:.2f})", file=sys.stderr)
   state, _, _ = run.initial_state()
-  print(run.sample(state.params, *args, _SEED.value))
+  print(run.sample(state.params, prompt, max_new, temperature, top_k, _SEED.value, top_p,
+                   window, context))
+
+
+def _index() -> None:
+  import time  # pylint: disable=g-import-not-at-top
+  from dsv2_jax.infer import retrieval  # pylint: disable=g-import-not-at-top
+  config, run = _open_run(need_checkpoint=False)
+  if not _CORPUS.value:
+    raise UsageError("index needs --corpus NAME:SPLIT or --corpus FOLDER "
+                     "(e.g. --corpus wiki_excerpt:train).")
+  start = time.perf_counter()
+  docs = [doc for spec in _CORPUS.value
+          for doc in retrieval.load_corpus(spec, config.data.data_dir, config.data.text_key)]
+  passages = retrieval.chunk_documents(docs, run.tokenizer, config.rag.passage_tokens)
+  index = retrieval.RetrievalIndex.build(passages, sources=_CORPUS.value,
+                                         passage_tokens=config.rag.passage_tokens,
+                                         tokenizer=config.data.tokenizer)
+  path = retrieval.index_path(run.workdir, _INDEX_NAME.value)
+  index.save(path)
+  print(f"indexed {len(docs):,} documents as {len(index):,} passages of <= "
+        f"{config.rag.passage_tokens} tokens in {time.perf_counter() - start:.1f} s: {path} "
+        f"(use --rag {_INDEX_NAME.value})")
 
 
 def _info() -> None:
@@ -172,7 +291,12 @@ def _info() -> None:
     raise UsageError("info needs --config FILE or --workdir DIR.")
   config_lib.validate(config)
   report = info.model_info(config)
-  print(json.dumps(report, indent=2) if _JSON.value else info.format_info(report))
+  text = info.format_info(report)
+  if _CONFIG.value is None:  # A run: also where its parameters came from.
+    from dsv2_jax.train import stages  # pylint: disable=g-import-not-at-top
+    report["stages"] = stages.lineage(_WORKDIR.value)
+    text += "\n" + stages.format_lineage(report["stages"])
+  print(json.dumps(report, indent=2) if _JSON.value else text)
 
 
 def _plan() -> None:
@@ -199,9 +323,13 @@ def _errors() -> tuple[type[BaseException], ...]:
   from dsv2_jax.data.sources import DatasetUnavailableError
   from dsv2_jax.parallel.sharding import MeshError
   from dsv2_jax.train.checkpoint import CheckpointError
+  from dsv2_jax.train.stages import StageError
+  from dsv2_jax.infer.retrieval import RetrievalError
+  from dsv2_jax.infer.sliding_window import TextFileError
   from dsv2_jax.train.trainer import TrainingDiverged, WorkdirError
   return (config_lib.ConfigError, UsageError, MissingCorpusError, DatasetUnavailableError,
-          MeshError, CheckpointError, FileNotFoundError, WorkdirError, TrainingDiverged)
+          MeshError, CheckpointError, FileNotFoundError, WorkdirError, TrainingDiverged,
+          StageError, RetrievalError, TextFileError)
 
 
 def _config_value(argv: list[str]) -> str | None:
@@ -281,8 +409,9 @@ def main(argv: list[str]) -> None:
   logging.getLogger("absl").setLevel(logging.ERROR)
   # JAX logs each backend it probes and cannot start (e.g. 'tpu' on a CPU-only machine).
   logging.getLogger("jax").setLevel(logging.WARNING)
-  handler = {"train": _train, "eval": _eval, "generate": _generate, "info": _info,
-             "plan": _plan}[commands[0]]
+  logging.getLogger("bm25s").setLevel(logging.WARNING)  # Per-build progress lines.
+  handler = {"train": _train, "eval": _eval, "generate": _generate, "index": _index,
+             "info": _info, "plan": _plan}[commands[0]]
   try:
     if _DISTRIBUTED.value:
       from dsv2_jax.parallel import distributed  # pylint: disable=g-import-not-at-top

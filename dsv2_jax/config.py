@@ -19,8 +19,8 @@ from typing import Any
 
 import ml_collections
 
-from dsv2_jax.data import corpora, tokenizer
-from dsv2_jax.model import attention, ffn, layers, moe_dispatch, remat, transformer
+from dsv2_jax.data import corpora, pipeline, tokenizer
+from dsv2_jax.model import attention, ffn, layers, moe_dispatch, remat, rope, transformer
 from dsv2_jax.model import dsa as dsa_lib
 
 # The choices of a field are owned by the module that implements them.
@@ -31,6 +31,7 @@ DTYPES = tuple(layers.DTYPES)
 ACTIVATIONS = tuple(ffn.ACTIVATIONS)
 NORMS = layers.NORMS
 POSITIONS = transformer.POSITIONS
+ROPE_SCALINGS = rope.ROPE_SCALINGS
 ATTENTIONS = attention.ATTENTIONS
 MOE_DISPATCH = moe_dispatch.DISPATCH_PATHS
 TOKENIZERS = tokenizer.TOKENIZERS
@@ -58,9 +59,17 @@ def default_config() -> ml_collections.ConfigDict:
   m.norm_eps = 1e-6
   m.position = "rope"  # One of POSITIONS.
   m.rope_max_wavelength = 10_000.0
-  # Position interpolation factor (stage 2): positions are divided by this, so a
-  # model trained at length T reads length T * rope_scale within its trained range.
-  m.rope_scale = 1.0
+  # RoPE context extension (stage 2, docs/long_context.md): one of ROPE_SCALINGS.
+  #   none    plain RoPE (rope_scale must be 1);
+  #   linear  position interpolation (Chen et al. 2023): positions / rope_scale;
+  #   ntk     NTK-aware: base rope_max_wavelength * rope_scale^(H / (H - 2));
+  #   yarn    YaRN (Peng et al. 2023): per-frequency blend of the two, plus attention
+  #           temperature (0.1 ln rope_scale + 1)^2 on the logits.
+  m.rope_scaling = "none"
+  m.rope_scale = 1.0  # s: the context is extended s-fold over rope_original_length.
+  m.rope_original_length = 0  # Pretrained context length in tokens (yarn; 0 = unset).
+  m.yarn_beta_fast = 32.0  # YaRN: frequencies with > beta_fast turns in the original
+  m.yarn_beta_slow = 1.0  # length extrapolate; < beta_slow turns interpolate.
   m.max_seq_len = 2048  # Position limit in tokens (learned table size; decode cache cap).
   m.tie_embeddings = False  # Share the input embedding with the output head.
   m.dropout_rate = 0.0  # Residual dropout probability.
@@ -111,7 +120,13 @@ def default_config() -> ml_collections.ConfigDict:
   d.text_key = "text"  # Feature holding the document text (pg19: "book_text").
   d.train_split = "train"
   d.eval_split = "validation"
-  d.seq_len = 2048  # Tokens per training row T (rows are packed across documents).
+  d.seq_len = 2048  # Tokens per training row T.
+  # concat: documents joined and cut into rows (GPT-style); document: every row from one
+  # document (long-context stage: whole books and articles), the tail row padded.
+  d.packing = "concat"
+  # Fraction of training rows turned into pass-key retrieval rows over their own text
+  # (dsv2_jax/data/passkey.py): the synthetic long-context skill, next to real text.
+  d.passkey_fraction = 0.0
   d.batch_size = 32  # Rows per optimizer step B (global, over all devices).
   d.tokenizer = "byte"  # One of TOKENIZERS.
   d.tokenizer_model = ""  # Path of a local SentencePiece model (tokenizer="sentencepiece").
@@ -139,16 +154,33 @@ def default_config() -> ml_collections.ConfigDict:
   # Consecutive steps with a non-finite loss or gradient (each one skipped, not applied)
   # after which the run stops with exit status 2; its checkpoints stay finite.
   t.max_skipped_steps = 10
+  # Start from another run's final parameters (not its optimizer state, step or data
+  # position): the workdir of a previous stage. Shapes must match; the mesh may differ.
+  t.init_from = ""
 
   e = c.eval = ml_collections.ConfigDict()
   e.batch_size = 32  # Rows per eval batch.
   e.max_batches = 0  # Cap on batches of the periodic evals; the final eval reads it all.
+  # Sliding-window scoring of `eval --text` / `eval --window` (SPEC 3.3: 2048 / 512): each
+  # token is scored once, with >= window - stride tokens of context (except at the start).
+  e.window = 0  # Tokens per window; 0 = data.seq_len.
+  e.stride = 0  # Tokens scored per window; 0 = window (non-overlapping windows).
 
   s = c.sample = ml_collections.ConfigDict()
   s.prompt = "The "  # Prompt for the sample printed after training.
   s.max_new_tokens = 200
   s.temperature = 0.8  # 0 = greedy.
   s.top_k = 40  # Sample among the k most likely tokens; 0 = all.
+  s.top_p = 1.0  # Nucleus: sample among the most likely tokens holding p of the mass; 1 = all.
+  # Rolling-window generation past the window: the model sees at most `window` tokens;
+  # when full, the window slides forward by `stride` and is recomputed from its tokens.
+  s.window = 0  # 0 = model.max_seq_len.
+  s.stride = 0  # 0 = window // 4.
+
+  r = c.rag = ml_collections.ConfigDict()  # Retrieval-augmented eval/generate (--rag).
+  r.passage_tokens = 128  # Tokens per indexed passage (chunks of each document).
+  r.top_k = 3  # Passages put ahead of the query, most relevant first.
+  r.query_tokens = 64  # eval --rag: the last tokens before each scored span form the query.
 
   # Mesh axis sizes; -1 takes the remaining devices. Model code never names these.
   c.mesh = ml_collections.ConfigDict(
@@ -266,6 +298,38 @@ def _validate_remat(m: ml_collections.ConfigDict) -> None:
     raise ConfigError(str(e)) from None
 
 
+def _validate_rope(m: ml_collections.ConfigDict) -> None:
+  _check_choice(m.rope_scaling, "model.rope_scaling", ROPE_SCALINGS)
+  _check(m.rope_scale >= 1.0 and math.isfinite(m.rope_scale),
+         f"model.rope_scale={m.rope_scale} must be >= 1 (the context extension factor).")
+  if m.rope_scaling == "none":
+    _check(m.rope_scale == 1.0, f"model.rope_scale={m.rope_scale} has no effect with "
+           "model.rope_scaling='none': choose model.rope_scaling=linear, ntk or yarn.")
+  if m.rope_scaling == "yarn":
+    _check(isinstance(m.rope_original_length, int) and m.rope_original_length > 0,
+           f"model.rope_original_length={m.rope_original_length!r}: YaRN needs the "
+           "pretrained context length in tokens (e.g. the first stage's data.seq_len).")
+    _check(m.yarn_beta_fast > m.yarn_beta_slow > 0,
+           f"model.yarn_beta_fast={m.yarn_beta_fast} must exceed model.yarn_beta_slow="
+           f"{m.yarn_beta_slow} > 0.")
+
+
+def _validate_windows(config: ml_collections.ConfigDict) -> None:
+  """eval.window/stride and sample.window/stride: 0 = default, else 1 <= stride <= window."""
+  for section, limit in (("eval", None), ("sample", config.model.max_seq_len)):
+    window, stride = config[section].window, config[section].stride
+    _check(isinstance(window, int) and window >= 0,
+           f"{section}.window={window!r} must be an integer >= 0 (0 = default).")
+    _check(isinstance(stride, int) and stride >= 0,
+           f"{section}.stride={stride!r} must be an integer >= 0 (0 = default).")
+    if window and stride:
+      _check(stride <= window, f"{section}.stride={stride} is larger than {section}.window="
+             f"{window}: tokens between windows would never be seen; use a stride <= window.")
+    if limit and window:
+      _check(window <= limit, f"{section}.window={window} is larger than "
+             f"model.max_seq_len={limit}, the longest input the model takes.")
+
+
 def _validate_sample(s: ml_collections.ConfigDict) -> None:
   _check(isinstance(s.max_new_tokens, int) and s.max_new_tokens >= 0,
          f"sample.max_new_tokens={s.max_new_tokens!r} must be an integer >= 0 "
@@ -274,6 +338,7 @@ def _validate_sample(s: ml_collections.ConfigDict) -> None:
          f"sample.temperature={s.temperature} must be >= 0 (0 = greedy).")
   _check(isinstance(s.top_k, int) and s.top_k >= 0,
          f"sample.top_k={s.top_k!r} must be an integer >= 0 (0 = all tokens).")
+  _check(0.0 < s.top_p <= 1.0, f"sample.top_p={s.top_p} must be in (0, 1] (1 = off).")
   if s.max_new_tokens:
     _check(bool(s.prompt), "sample.prompt is empty: give at least one character "
            "(or set sample.max_new_tokens=0 to skip the sample).")
@@ -296,8 +361,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if m.position == "rope":
     _check(head_dim(m) % 2 == 0, f"head dim {head_dim(m)} must be even for RoPE: "
            "change model.d_model / model.num_heads or model.head_dim.")
-    _check(m.rope_scale >= 1.0, f"model.rope_scale={m.rope_scale} must be >= 1 "
-           "(positions are divided by it to interpolate).")
+    _validate_rope(m)
   _check(d.seq_len <= m.max_seq_len,
          f"data.seq_len={d.seq_len} is longer than the position limit "
          f"model.max_seq_len={m.max_seq_len}: raise model.max_seq_len or shorten data.seq_len.")
@@ -312,6 +376,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_moe(m)
   _validate_remat(m)
   _check_choice(d.tokenizer, "data.tokenizer", TOKENIZERS)
+  _check_choice(d.packing, "data.packing", pipeline.PACKINGS)
+  _check(0.0 <= d.passkey_fraction <= 1.0,
+         f"data.passkey_fraction={d.passkey_fraction} must be in [0, 1].")
   _check(0.0 <= m.dropout_rate < 1.0, f"model.dropout_rate={m.dropout_rate} must be in [0, 1).")
   _check(m.scan_unroll >= 1, f"model.scan_unroll={m.scan_unroll} must be >= 1 "
          "(values >= model.num_layers unroll the whole stack).")
@@ -342,6 +409,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f"train.max_skipped_steps={t.max_skipped_steps!r} must be a positive integer "
          "(consecutive non-finite steps tolerated before the run stops).")
   _validate_sample(config.sample)
+  _validate_windows(config)
+  _check(isinstance(t.init_from, str), f"train.init_from={t.init_from!r} must be a workdir "
+         "path (or '' to start from a fresh init).")
+  _check_positive(config, "rag.passage_tokens", "rag.top_k", "rag.query_tokens")
   _check(config.eval.max_batches >= 0, "eval.max_batches must be >= 0 (0 = whole split).")
   for axis, size in config.mesh.items():
     _check(isinstance(size, int) and (size >= 1 or size == -1),

@@ -128,11 +128,24 @@ BAD_INPUT = [
     ("empty prompt", ["generate", "--workdir", "WORKDIR", "--prompt", ""], "--prompt is empty"),
     ("non-UTF-8 prompt", ["generate", "--workdir", "WORKDIR", "--prompt", b"caf\xe9"],
      "--prompt is not valid UTF-8"),
-    ("prompt too long", ["generate", "--workdir", "WORKDIR", "--prompt", "x" * 2000],
-     "the prompt (2000 tokens) plus max_new_tokens (5) exceeds model.max_seq_len=128"),
-    ("new tokens too many", ["generate", "--workdir", "WORKDIR", "--max_new_tokens", "500"],
-     "plus max_new_tokens (500) exceeds model.max_seq_len=128: shorten the prompt or lower "
-     "max_new_tokens to at most 124"),
+    ("bad top_p", ["generate", "--workdir", "WORKDIR", "--top_p=1.5"],
+     "--top_p=1.5 must be in (0, 1]"),
+    ("window too large", ["generate", "--workdir", "WORKDIR", "--window", "500"],
+     "--window=500 is longer than the model takes (model.max_seq_len=128)"),
+    ("stride > window", ["eval", "--workdir", "WORKDIR", "--window", "16", "--stride", "32"],
+     "stride=32 is larger than window=16"),
+    ("empty text file", ["eval", "--workdir", "WORKDIR", "--text", "EMPTY"],
+     "the file is empty"),
+    ("non-UTF-8 text file", ["eval", "--workdir", "WORKDIR", "--text", "LATIN1"],
+     "not UTF-8 (invalid byte 0xe9 at byte offset 3)"),
+    ("missing index", ["eval", "--workdir", "WORKDIR", "--rag", "nope"],
+     "build it with the `index` command"),
+    ("init_from a non-run", ["train", "--workdir", "NEW", "--config", "CONFIG",
+                             "--init_from", "FILE"], "point it at the workdir of a finished"),
+    ("init_from another shape", ["train", "--workdir", "NEW", "--config", "CONFIG:width=64",
+                                 "--init_from", "WORKDIR"],
+     "its parameters do not fit this model (embedder/embedding is [258, 32] in the parent "
+     "and [258, 64] here)"),
 ]
 
 
@@ -153,8 +166,11 @@ def test_bad_input_is_one_clear_line(trained, tmp_path, name, args, message):
   regular_file = tmp_path / "file"
   regular_file.write_text("")
   new = tmp_path / "new_run"
+  (tmp_path / "empty.txt").write_text("")
+  (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
   subs = {"WORKDIR": str(workdir), "NEW": str(new), "CONFIG": TINY_CONFIG,
-          "BROKEN": str(broken), "FILE": str(regular_file)}
+          "BROKEN": str(broken), "FILE": str(regular_file),
+          "EMPTY": str(tmp_path / "empty.txt"), "LATIN1": str(tmp_path / "latin1.txt")}
   args = [expand(a, subs) for a in args]
   before = listing(workdir)
   out = cli(*args, check=False)

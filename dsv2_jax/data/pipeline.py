@@ -8,6 +8,12 @@ where a document ends. The order is a seeded per-epoch shuffle of documents, so
 the stream is deterministic for a seed and its position is the iterator state
 (`get_state()` / `set_state()`), saved in every checkpoint.
 
+With `data.packing='document'` (long-context stage 2: whole books and articles as
+single documents), every row comes from one document instead: a document of n
+tokens gives rows starting at 0, T, 2T, ... (each T + 1 tokens, the last one padded
+with weight 0), and rows are shuffled within a window of `SHUFFLE_WINDOW` rows so a
+batch mixes documents.
+
 Evaluation rows are packed the same way, in document order, one full pass; the
 tail row and batch are padded and carry weight 0.
 
@@ -26,7 +32,7 @@ import grain.experimental as grain_exp
 import ml_collections
 import numpy as np
 
-from dsv2_jax.data import sources
+from dsv2_jax.data import passkey, sources
 from dsv2_jax.data.tokenizer import Tokenizer
 
 
@@ -47,9 +53,54 @@ def _to_example(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   }
 
 
-def _packed(ds: grain.IterDataset, seq_len: int) -> grain.IterDataset:
-  ds = grain_exp.ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len + 1})
+PACKINGS = ("concat", "document")  # `data.packing`.
+SHUFFLE_WINDOW = 256  # Rows shuffled together by packing='document'.
+
+
+class _DocumentRows(grain_exp.FlatMapTransform):
+  """One tokenized document -> its rows of T + 1 tokens (never across documents)."""
+
+  max_fan_out = 1 << 20
+
+  def __init__(self, seq_len: int, pad_id: int):
+    self.seq_len, self.pad_id = seq_len, pad_id
+
+  def flat_map(self, element: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    tokens, t = element["tokens"], self.seq_len
+    rows = []
+    for start in range(0, max(len(tokens) - 1, 0), t):
+      row = tokens[start:start + t + 1]
+      valid = np.zeros(t + 1, bool)
+      valid[:len(row)] = True
+      row = np.pad(row, (0, t + 1 - len(row)), constant_values=self.pad_id)
+      rows.append({"tokens": row, "tokens_segment_ids": valid.astype(np.int32)})
+    return rows
+
+
+def _packed(ds: grain.IterDataset, seq_len: int, packing: str = "concat", pad_id: int = 0,
+            seed: int = 0) -> grain.IterDataset:
+  if packing == "document":
+    ds = grain_exp.FlatMapIterDataset(ds, _DocumentRows(seq_len, pad_id))
+    if seed is not None:
+      ds = grain_exp.WindowShuffleIterDataset(ds, window_size=SHUFFLE_WINDOW, seed=seed)
+  else:
+    ds = grain_exp.ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len + 1})
   return ds.map(_to_example)
+
+
+class _PasskeyMix(grain.transforms.RandomMap):
+  """Turns a `fraction` of full rows into pass-key rows built from their own text."""
+
+  def __init__(self, fraction: float, tokenizer: Tokenizer):
+    self.fraction, self.tokenizer = fraction, tokenizer
+
+  def random_map(self, example: dict[str, np.ndarray], rng: np.random.Generator
+                 ) -> dict[str, np.ndarray]:
+    if rng.uniform() >= self.fraction or not example["weights"].all():
+      return example
+    tokens = np.concatenate([example["inputs"][:1], example["targets"]])  # [T + 1]
+    tokens = passkey.mix_into_row(tokens, rng, self.tokenizer)
+    return {"inputs": tokens[:-1], "targets": tokens[1:], "weights": example["weights"]}
 
 
 def train_dataset(data: ml_collections.ConfigDict, tokenizer: Tokenizer, seed: int,
@@ -75,7 +126,10 @@ def train_dataset(data: ml_collections.ConfigDict, tokenizer: Tokenizer, seed: i
   ds = grain.MapDataset.source(source)[shard_index::shard_count]
   ds = ds.seed(seed).shuffle().repeat(None)  # New order every epoch.
   ds = ds.map(_tokenize_fn(tokenizer, data.text_key)).to_iter_dataset()
-  return _packed(ds, data.seq_len).batch(data.batch_size // shard_count, drop_remainder=True)
+  ds = _packed(ds, data.seq_len, data.packing, tokenizer.pad_id, seed)
+  if data.passkey_fraction > 0:
+    ds = ds.random_map(_PasskeyMix(data.passkey_fraction, tokenizer), seed=seed + 1)
+  return ds.batch(data.batch_size // shard_count, drop_remainder=True)
 
 
 def eval_batches(data: ml_collections.ConfigDict, tokenizer: Tokenizer, batch_size: int,
@@ -83,7 +137,8 @@ def eval_batches(data: ml_collections.ConfigDict, tokenizer: Tokenizer, batch_si
   """One deterministic pass over the eval split; every batch has `batch_size` rows."""
   source = sources.data_source(data.dataset, data.eval_split, data.data_dir, data.download)
   ds = grain.MapDataset.source(source).map(_tokenize_fn(tokenizer, data.text_key))
-  ds = _packed(ds.to_iter_dataset(), data.seq_len).batch(batch_size, drop_remainder=False)
+  ds = _packed(ds.to_iter_dataset(), data.seq_len, data.packing, tokenizer.pad_id, seed=None)
+  ds = ds.batch(batch_size, drop_remainder=False)
   for i, batch in enumerate(ds):
     if max_batches and i >= max_batches:
       return

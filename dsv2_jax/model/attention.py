@@ -21,7 +21,7 @@ import ml_collections
 
 from dsv2_jax.model import dsa
 from dsv2_jax.model.layers import MASK_VALUE, Einsum, dtype_of
-from dsv2_jax.model.rope import apply_rope
+from dsv2_jax.model.rope import apply_rope, rope_frequencies
 
 ATTENTIONS = ("dense", "sliding_window", "dsa")  # `model.attention`.
 
@@ -92,8 +92,11 @@ class Attention(nn.Module):
     k = k.reshape(b, t, k_heads, h)  # [B, T, K, H]
     v = v.reshape(b, t, k_heads, h)
     if cfg.position == "rope":
-      q = apply_rope(q, positions, cfg.rope_max_wavelength, cfg.rope_scale)
-      k = apply_rope(k, positions, cfg.rope_max_wavelength, cfg.rope_scale)
+      inv_freq, factor = rope_frequencies(
+          h, cfg.rope_max_wavelength, cfg.rope_scaling, cfg.rope_scale,
+          cfg.rope_original_length, cfg.yarn_beta_fast, cfg.yarn_beta_slow)
+      q = apply_rope(q, positions, inv_freq, factor)
+      k = apply_rope(k, positions, inv_freq, factor)
     q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", "act_kv"))
     k = nn.with_logical_constraint(k, ("batch", "length", "act_kv_heads", "act_kv"))
     v = nn.with_logical_constraint(v, ("batch", "length", "act_kv_heads", "act_kv"))

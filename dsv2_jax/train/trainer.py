@@ -51,6 +51,7 @@ from dsv2_jax.model import flops
 from dsv2_jax.model.transformer import build_model
 from dsv2_jax.parallel import sharding
 from dsv2_jax.train import evaluate as evaluate_lib
+from dsv2_jax.train import stages
 from dsv2_jax.train.checkpoint import Checkpointer
 from dsv2_jax.train.metrics import MetricWriter
 from dsv2_jax.train.optimizer import build_optimizer, learning_rate_schedule
@@ -59,8 +60,9 @@ from dsv2_jax.train.step import jit_train_step
 
 # Sections whose change would make a resumed run a different experiment.
 _RESUME_MUST_MATCH = ("seed", "model", "data.dataset", "data.seq_len", "data.batch_size",
-                      "data.tokenizer", "data.tokenizer_model", "data.text_key",
-                      "data.train_split")
+                      "data.tokenizer", "data.tokenizer_model", "data.text_key", "data.packing",
+                      "data.passkey_fraction",
+                      "data.train_split", "train.init_from")
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
@@ -170,24 +172,30 @@ class Run:
     logging.info("Restored step %d from %s", step, self.checkpointer.directory)
     return state, shardings, data_state
 
-  def check_generation_length(self, num_prompt_tokens: int, max_new_tokens: int) -> None:
-    """ConfigError unless the prompt and new tokens fit the model's position limit."""
-    limit = self.config.model.max_seq_len
-    if num_prompt_tokens + max_new_tokens > limit:
-      raise config_lib.ConfigError(
-          f"the prompt ({num_prompt_tokens} tokens) plus max_new_tokens ({max_new_tokens}) "
-          f"exceeds model.max_seq_len={limit}: shorten the prompt or lower max_new_tokens "
-          f"to at most {max(limit - num_prompt_tokens, 0)}.")
+  def sample_window(self) -> tuple[int, int]:
+    """(window, stride) of generation: sample.window or model.max_seq_len, and
+    sample.stride or window // 4. Past the window, generation rolls (infer/generate.py)."""
+    s = self.config.sample
+    window = s.window or self.config.model.max_seq_len
+    return window, s.stride or max(1, window // 4)
 
   def sample(self, params: Any, prompt: str, max_new_tokens: int, temperature: float,
-             top_k: int, seed: int = 0) -> str:
-    """`prompt` followed by `max_new_tokens` sampled tokens, decoded."""
-    ids = self.tokenizer.encode(prompt)
-    self.check_generation_length(len(ids), max_new_tokens)
+             top_k: int, seed: int = 0, top_p: float = 1.0,
+             window: tuple[int, int] | None = None, context: np.ndarray | None = None) -> str:
+    """`prompt` followed by `max_new_tokens` sampled tokens, decoded.
+
+    Args:
+      window: (window, stride) of the rolling window; default `sample_window()`.
+      context: token ids to feed instead of the encoded prompt (e.g. retrieved passages
+        ahead of it); the returned text still starts with `prompt`.
+    """
+    ids = self.tokenizer.encode(prompt) if context is None else context
+    window, stride = window or self.sample_window()
     # Host (numpy) inputs: replicated on every process of a multi-process run.
     tokens = generate(self.model, params, np.asarray(ids[None], np.int32),
                       np.asarray(jax.random.PRNGKey(seed)), max_new_tokens=max_new_tokens,
-                      temperature=temperature, top_k=top_k, mesh=self.mesh)
+                      temperature=temperature, top_k=top_k, top_p=top_p, window=window,
+                      stride=stride, mesh=self.mesh)
     return prompt + self.tokenizer.decode(np.asarray(tokens[0]))
 
 
@@ -264,17 +272,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   """
   # 1) Validate and pin the config to the workdir.
   config_lib.validate(config)
+  if config.train.init_from and not (pathlib.Path(workdir).expanduser() / "checkpoints").is_dir():
+    stages.check_parent(config.train.init_from, config.model)  # Before anything is written.
   lead = jax.process_index() == 0  # Of a multi-process run, only process 0 writes files.
   if lead:
     prepare_workdir(pathlib.Path(workdir).expanduser().resolve())
   run = Run(config, workdir)
   workdir = run.workdir
   s = config.sample
-  if s.max_new_tokens:  # Fail now, not after training.
-    run.check_generation_length(len(run.tokenizer.encode(s.prompt)), s.max_new_tokens)
   config_path = workdir / "config.json"
   if config_path.exists() and run.checkpointer.latest_step() is not None:
     _check_resumable(load_config(workdir), config, workdir)
+  fresh = run.checkpointer.latest_step() is None
   if lead:
     config_path.write_text(config_lib.to_json(config))
   train_cfg = config.train
@@ -288,6 +297,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   # 3) State: the newest checkpoint that restores, or a fresh init straight into its
   #    shardings; the data stream continues from the position saved with it.
   state, state_shardings, data_state = run.initial_state(set_aside_unreadable=True)
+  if fresh and config.train.init_from:  # A later stage: the parent's parameters, new optimizer.
+    params, parent = stages.init_params(train_cfg.init_from, state.params,
+                                        state_shardings.params)
+    opt_state = jax.jit(run.tx.init, out_shardings=state_shardings.opt_state)(params)
+    state = state.replace(params=params, opt_state=opt_state)
+    if lead:
+      stages.write_parent(workdir, parent)
   start_step = int(jax.device_get(state.step))
   writer = MetricWriter(workdir, resume_step=start_step,  # Drops lines of lost steps.
                         enabled=lead)
@@ -408,7 +424,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     (workdir / "eval.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
   if s.max_new_tokens > 0:  # Every process takes part in generation; process 0 writes.
     text = run.sample(state.params, s.prompt, s.max_new_tokens, s.temperature, s.top_k,
-                      config.seed)
+                      config.seed, s.top_p)
     if lead:
       (workdir / "sample.txt").write_text(text + "\n", encoding="utf-8")
   return result

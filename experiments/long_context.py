@@ -1,0 +1,277 @@
+"""Long-context adaptation (stage 2): perplexity and pass-key retrieval against length.
+
+The PI paper's experiment (Chen et al. 2023, "Extending Context Window of Large Language
+Models via Positional Interpolation") at CPU scale. A tiny byte-level model is trained
+at 128 tokens (stage 1, `--stage1`, default configs/tiny.py:passkey=0.1: a tenth of the
+rows are pass-key rows over their own text, so the model learns retrieval at 128
+tokens next to real text). Stage 2 then adapts it to 16x the length (2,048 tokens) for
+100 steps (10% of stage 1) on whole Wikipedia articles, each variant a config argument
+appended to `--stage2` (configs/tiny.py:stage=2, plain text, no pass-key rows):
+  pi          position interpolation x16, dense attention
+  pi_sliding  the same with sliding-window attention (W = 32)
+  pi_dsa      the same with DSA (W = 32 + 15% entropy-selected global tokens)
+  yarn        YaRN x16 instead of PI
+Without adaptation, the stage-1 parameters are also evaluated with only the RoPE
+setting changed: `stage1` (plain RoPE, extrapolating), `pi_no_adapt`, `ntk`, `yarn_no_adapt`.
+
+Measured for every variant:
+  perplexity  held-out bits/byte against evaluation length L = 128 ... 2,048 (1x-16x),
+              sliding windows of L with stride L/4 over the first `--doc_tokens` tokens
+              of each long validation document (the same scored tokens at every L, so
+              only the context differs): Wikipedia articles and Bible books.
+  pass key    exact match of the 5-digit key (greedy == teacher-forced argmax) against
+              length and needle depth, `--samples` per cell, haystacks of real held-out
+              Wikipedia text.
+Every stage is a trainer workdir under --workdir and resumes; finished evaluations are
+kept in WORKDIR/results.json and skipped on a rerun, so the script is resumable.
+
+  python -m experiments.long_context --workdir runs/long_context \
+      --out docs/figures/long_context.json
+  python -m experiments.long_context --quick --workdir /tmp/lc_quick --out /tmp/lc.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv2_jax.data import passkey
+from dsv2_jax.infer import retrieval, sliding_window
+from dsv2_jax.parallel import sharding
+from dsv2_jax.train import evaluate as evaluate_lib
+from dsv2_jax.train import trainer
+from experiments import common
+
+STAGE1 = "configs/tiny.py:passkey=0.1"
+STAGE2 = "configs/tiny.py:stage=2"
+ADAPTED = {  # Stage-2 runs: arguments appended to --stage2.
+    "pi": "",
+    "pi_sliding": "attention=sliding_window",
+    "pi_dsa": "attention=dsa",
+    "yarn": "rope=yarn:16",
+}
+NOT_ADAPTED = {  # Stage-1 parameters with another RoPE setting: model fields.
+    "stage1": dict(rope_scaling="none", rope_scale=1.0),
+    "pi_no_adapt": dict(rope_scaling="linear", rope_scale=16.0),
+    "ntk": dict(rope_scaling="ntk", rope_scale=16.0),
+    "yarn_no_adapt": dict(rope_scaling="yarn", rope_scale=16.0),
+}
+LENGTHS = (128, 256, 512, 1024, 2048)
+DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+CORPORA = {"wiki": "wiki_excerpt:validation", "bible_books": "web_bible/books:validation"}
+QUICK = dict(stage1="steps=20", stage2="steps=4,seq_len=256", lengths=(128, 256),
+             samples=4, doc_tokens=512, max_docs=2)
+
+
+class Results:
+  """results.json under the workdir: one entry per finished evaluation (resumable)."""
+
+  def __init__(self, path: pathlib.Path):
+    self.path = path
+    self.data = json.loads(path.read_text()) if path.exists() else {}
+
+  def get(self, *keys: str) -> Any:
+    node = self.data
+    for key in keys:
+      node = node.get(key) if isinstance(node, dict) else None
+    return node
+
+  def put(self, value: Any, *keys: str) -> None:
+    node = self.data
+    for key in keys[:-1]:
+      node = node.setdefault(key, {})
+    node[keys[-1]] = value
+    self.path.write_text(json.dumps(self.data, indent=1, sort_keys=True))
+
+
+def train(spec: str, workdir: pathlib.Path, data_dir: str, init_from: str = "") -> dict:
+  """Trains (or resumes, or just reads) one stage; returns its eval.json and timing."""
+  c = common.load_config(spec)
+  c.data.data_dir = data_dir
+  c.train.init_from = init_from
+  c.sample.max_new_tokens = 0
+  if not (workdir / "eval.json").exists():
+    start = time.perf_counter()
+    trainer.train_and_evaluate(c, workdir)
+    (workdir / "train_seconds.json").write_text(json.dumps(time.perf_counter() - start))
+  result = json.loads((workdir / "eval.json").read_text())
+  seconds = workdir / "train_seconds.json"
+  result["train_seconds"] = json.loads(seconds.read_text()) if seconds.exists() else None
+  result["config"] = spec
+  return result
+
+
+class Variant:
+  """A model to evaluate: a run's parameters under a (possibly changed) model config."""
+
+  def __init__(self, workdir: pathlib.Path, max_len: int, **model_fields: Any):
+    config = trainer.load_config(workdir)
+    config.model.update(max_seq_len=max(max_len, config.model.max_seq_len), **model_fields)
+    self.run = trainer.Run(config, workdir)
+    self.state, self.shardings, _ = self.run.initial_state()
+    self.eval_fn = evaluate_lib.make_eval_fn(self.run.model, self.run.tokenizer, self.run.mesh,
+                                             self.shardings.params)
+    model = self.run.model
+    self.logits = jax.jit(lambda p, x: model.apply({"params": p}, x))
+
+  def bits_per_byte(self, streams: list[np.ndarray], length: int) -> dict[str, float]:
+    """Sliding windows of `length`, stride length/4, over each stream; totals over all."""
+    tokenizer = self.run.tokenizer
+    nll = nbytes = tokens = 0.0
+    for stream in streams:
+      r = sliding_window.score(self.eval_fn, self.state.params, stream, length,
+                               max(1, length // 4), 4, tokenizer,
+                               put_batch=lambda b: sharding.put_batch(b, self.run.mesh))
+      nll += r["loss"] * r["tokens"]
+      nbytes += r["bytes"]
+      tokens += r["tokens"]
+    return {"bits_per_byte": nll / math.log(2) / nbytes, "loss": nll / tokens,
+            "tokens": int(tokens)}
+
+  def passkey_accuracy(self, haystack: np.ndarray, length: int, depth: float, samples: int,
+                       seed: int) -> float:
+    """Exact match of the key (every answer token the argmax) over `samples` rows."""
+    tokenizer = self.run.tokenizer
+    rng = np.random.default_rng(seed)
+    rows, answers = [], []
+    for _ in range(samples):
+      start = int(rng.integers(0, len(haystack) - length))
+      row, answer = passkey.passkey_row(haystack[start:start + length], passkey.random_key(rng),
+                                        depth, length, tokenizer)
+      rows.append(row)
+      answers.append(answer)
+    assert len(set(answers)) == 1, "keys tokenize to different lengths"
+    a = answers[0]
+    rows = np.stack(rows)  # [samples, length]
+    logits = self.logits(self.state.params, jnp.asarray(rows[:, :-1]))  # [B, T, V]
+    predicted = np.asarray(jnp.argmax(logits[:, -a:], axis=-1))  # [B, a]
+    return float(np.mean(np.all(predicted == rows[:, -a:], axis=1)))
+
+
+def long_documents(spec: str, data_dir: str, tokenizer, doc_tokens: int, max_docs: int
+                   ) -> list[np.ndarray]:
+  """The first `doc_tokens` (+1) tokens of each validation document that long, in order."""
+  docs = retrieval.load_corpus(spec, data_dir)
+  streams = [tokenizer.encode(text)[:doc_tokens + 1] for _, text in docs]
+  return [s for s in streams if len(s) == doc_tokens + 1][:max_docs]
+
+
+def main(argv: list[str]) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--workdir", default="runs/long_context")
+  parser.add_argument("--data_dir", default="~/tensorflow_datasets")
+  parser.add_argument("--stage1", default=STAGE1, metavar="FILE[:args]")
+  parser.add_argument("--stage2", default=STAGE2, metavar="FILE[:args]")
+  parser.add_argument("--adapted", default=",".join(ADAPTED), help="Stage-2 variants to run.")
+  parser.add_argument("--samples", type=int, default=20, help="Pass-key rows per cell.")
+  parser.add_argument("--doc_tokens", type=int, default=4096)
+  parser.add_argument("--max_docs", type=int, default=8)
+  parser.add_argument("--quick", action="store_true", help=f"Smoke run: {QUICK}.")
+  args = parser.parse_args(argv)
+  data_dir = os.path.expanduser(args.data_dir)
+  lengths = QUICK["lengths"] if args.quick else LENGTHS
+  if args.quick:
+    args.stage1 = common.with_args(args.stage1, QUICK["stage1"])
+    args.stage2 = common.with_args(args.stage2, QUICK["stage2"])
+    args.samples, args.doc_tokens, args.max_docs = (QUICK["samples"], QUICK["doc_tokens"],
+                                                    QUICK["max_docs"])
+  root = pathlib.Path(args.workdir).expanduser()
+  root.mkdir(parents=True, exist_ok=True)
+  results = Results(root / "results.json")
+
+  # 1) Stage 1 at 128 tokens, then each stage-2 variant from it.
+  runs = {"stage1": train(args.stage1, root / "stage1", data_dir)}
+  adapted = [a for a in args.adapted.split(",") if a]
+  for name in adapted:
+    runs[name] = train(common.with_args(args.stage2, ADAPTED[name]), root / name, data_dir,
+                       init_from=str(root / "stage1"))
+    print(f"{name}: trained, held-out bits/byte {runs[name]['bits_per_byte']:.4f}", flush=True)
+
+  # 2) Evaluate every variant at every length: perplexity on long documents, pass key.
+  variants = {name: (root / "stage1", fields) for name, fields in NOT_ADAPTED.items()}
+  variants.update({name: (root / name, {}) for name in adapted})
+  tokenizer = trainer.Run(trainer.load_config(root / "stage1"), root / "stage1").tokenizer
+  corpora = {name: long_documents(spec, data_dir, tokenizer, args.doc_tokens, args.max_docs)
+             for name, spec in CORPORA.items()}
+  haystack = np.concatenate([tokenizer.encode(t) for _, t in
+                             retrieval.load_corpus("wiki_excerpt:validation", data_dir)])
+  for name, (workdir, fields) in variants.items():
+    todo = [(kind, str(n)) for n in lengths for kind in ("ppl", "passkey")
+            if results.get(name, kind, str(n)) is None]
+    if not todo:
+      continue
+    variant = Variant(workdir, max(lengths), **fields)
+    for n in lengths:
+      if results.get(name, "ppl", str(n)) is None:
+        results.put({corpus: variant.bits_per_byte(streams, n)
+                     for corpus, streams in corpora.items()}, name, "ppl", str(n))
+      if results.get(name, "passkey", str(n)) is None:
+        results.put({str(d): variant.passkey_accuracy(haystack, n, d, args.samples,
+                                                      seed=1000 * n + int(100 * d))
+                     for d in DEPTHS}, name, "passkey", str(n))
+      ppl = results.get(name, "ppl", str(n))
+      pk = results.get(name, "passkey", str(n))
+      print(f"{name} L={n}: wiki bpb {ppl['wiki']['bits_per_byte']:.3f}  bible bpb "
+            f"{ppl['bible_books']['bits_per_byte']:.3f}  passkey "
+            f"{np.mean(list(pk.values())):.2f}", flush=True)
+
+  summary = {name: {
+      "wiki_bits_per_byte": {n: results.get(name, "ppl", str(n))["wiki"]["bits_per_byte"]
+                             for n in lengths},
+      "passkey_mean": {n: float(np.mean(list(results.get(name, "passkey", str(n)).values())))
+                       for n in lengths}} for name in variants}
+  result = {"command": common.command("experiments.long_context", argv),
+            "stage1": args.stage1, "stage2": args.stage2, "lengths": list(lengths),
+            "depths": list(DEPTHS), "samples_per_cell": args.samples,
+            "doc_tokens": args.doc_tokens,
+            "documents": {k: len(v) for k, v in corpora.items()},
+            "runs": runs, "variants": results.data, "summary": summary}
+  common.write(result, args.out, lambda png: plot(result, png))
+
+
+def plot(result: dict[str, Any], png: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  variants = list(result["variants"])
+  lengths = result["lengths"]
+  fig = plt.figure(figsize=(15, 4 + 2.2 * math.ceil(len(variants) / 4)))
+  grid = fig.add_gridspec(1 + math.ceil(len(variants) / 4), 4)
+  for i, corpus in enumerate(CORPORA):
+    ax = fig.add_subplot(grid[0, 2 * i:2 * i + 2])
+    for name in variants:
+      ax.plot(lengths, [result["variants"][name]["ppl"][str(n)][corpus]["bits_per_byte"]
+                        for n in lengths], marker="o", label=name)
+    ax.set(xscale="log", xlabel="evaluation length (tokens)", ylabel="held-out bits/byte",
+           title=f"{corpus} (stride L/4)")
+    ax.minorticks_off()
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.axvline(128, color="grey", lw=0.5, ls="--")
+    ax.legend(fontsize=7)
+  for i, name in enumerate(variants):
+    ax = fig.add_subplot(grid[1 + i // 4, i % 4])
+    cells = np.array([[result["variants"][name]["passkey"][str(n)][str(d)] for n in lengths]
+                      for d in result["depths"]])
+    ax.imshow(cells, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+    ax.set_yticks(range(len(result["depths"])), [str(d) for d in result["depths"]], fontsize=7)
+    ax.set_title(f"pass key: {name}", fontsize=9)
+    for (y, x), v in np.ndenumerate(cells):
+      ax.text(x, y, f"{v:.0%}", ha="center", va="center", fontsize=6, color="w")
+  fig.tight_layout()
+  fig.savefig(png, dpi=110)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
