@@ -204,6 +204,7 @@ def main(argv: list[str]) -> None:
   tokenizer = trainer.Run(trainer.load_config(root / "stage1"), root / "stage1").tokenizer
   corpora = {name: long_documents(spec, data_dir, tokenizer, args.doc_tokens, args.max_docs)
              for name, spec in CORPORA.items()}
+  corpora_stream = np.concatenate(corpora["wiki"])  # The same long wiki documents, joined.
   haystack = np.concatenate([tokenizer.encode(t) for _, t in
                              retrieval.load_corpus("wiki_excerpt:validation", data_dir)])
   for name, (workdir, fields) in variants.items():
@@ -226,6 +227,22 @@ def main(argv: list[str]) -> None:
             f"{ppl['bible_books']['bits_per_byte']:.3f}  passkey "
             f"{np.mean(list(pk.values())):.2f}", flush=True)
 
+  # 3) Bits/byte against stride (SPEC 3.3, window 2048 / stride 512): S = W is the
+  #    non-overlapping figure; smaller strides give every token more context.
+  for name, window in (("stage1", lengths[0]), ("pi", lengths[-1])):
+    if name not in variants:
+      continue
+    todo = [s for s in (window, window // 2, window // 4, window // 8)
+            if results.get("stride", name, str(s)) is None]
+    if todo:
+      variant = Variant(variants[name][0], window, **variants[name][1])
+      for stride in todo:
+        r = sliding_window.score(variant.eval_fn, variant.state.params, corpora_stream,
+                                 window, stride, 4, tokenizer,
+                                 put_batch=lambda b, v=variant: sharding.put_batch(b, v.run.mesh))
+        results.put({"window": window, **r}, "stride", name, str(stride))
+        print(f"stride {name} W={window} S={stride}: bpb {r['bits_per_byte']:.4f}", flush=True)
+
   summary = {name: {
       "wiki_bits_per_byte": {n: results.get(name, "ppl", str(n))["wiki"]["bits_per_byte"]
                              for n in lengths},
@@ -236,7 +253,8 @@ def main(argv: list[str]) -> None:
             "depths": list(DEPTHS), "samples_per_cell": args.samples,
             "doc_tokens": args.doc_tokens,
             "documents": {k: len(v) for k, v in corpora.items()},
-            "runs": runs, "variants": results.data, "summary": summary}
+            "runs": runs, "variants": {name: results.get(name) for name in variants},
+            "stride": results.get("stride"), "summary": summary}
   common.write(result, args.out, lambda png: plot(result, png))
 
 

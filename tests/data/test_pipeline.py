@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from dsv2_jax.data import pipeline, sources
+from dsv2_jax.data import passkey, pipeline, sources
 from dsv2_jax.data.tokenizer import ByteTokenizer
 from tests.helpers import tiny_config
 
@@ -91,3 +91,40 @@ def test_process_shards_are_disjoint(data_dir):
   b = next(iter(pipeline.train_dataset(c.data, tok, 0, shard_index=1, shard_count=2)))
   assert a["inputs"].shape == (2, 32)
   assert not np.array_equal(a["inputs"], b["inputs"])
+
+
+def test_document_packing_never_crosses_documents_and_resumes(data_dir):
+  c = tiny_config(data_dir)
+  c.data.update(packing="document", seq_len=256)
+  tok = ByteTokenizer()
+  it = iter(pipeline.train_dataset(c.data, tok, seed=0))
+  batches = take(it, 6)
+  source = sources.data_source("lee_news", "train", data_dir)
+  texts = [source[i]["text"] for i in range(len(source))]
+  for b in batches:
+    for inputs, weights in zip(b["inputs"], b["weights"]):
+      real = inputs[:int(weights.sum())]
+      assert (real[:-1] != tok.eos_id).all()  # At most the last input is a separator.
+      text = bytes(real[real < 256].astype(np.uint8).tolist())
+      assert any(text in t for t in texts)  # One document's contiguous bytes.
+  state = json.loads(json.dumps(it.get_state()))
+  expected = take(it, 3)
+  resumed = iter(pipeline.train_dataset(c.data, tok, seed=0))
+  resumed.set_state(state)
+  for x, y in zip(expected, take(resumed, 3)):
+    np.testing.assert_array_equal(x["inputs"], y["inputs"])
+
+
+def test_passkey_rows_hide_the_key_in_their_own_text(data_dir):
+  c = tiny_config(data_dir)
+  c.data.update(passkey_fraction=0.5, seq_len=128)
+  tok = ByteTokenizer()
+  rows = [r for b in take(iter(pipeline.train_dataset(c.data, tok, seed=0)), 8)
+          for r in np.concatenate([b["inputs"][:, :1], b["targets"]], axis=1)]
+  keyed = [(r, tok.decode(r)) for r in rows if passkey.QUESTION in tok.decode(r)]
+  assert 0.25 < len(keyed) / len(rows) < 0.75  # 32 rows at p = 0.5.
+  for row, text in keyed:
+    key = text[-passkey.KEY_DIGITS:]
+    assert key.isdigit() and passkey.NEEDLE.format(key=key) in text
+    tail = tok.encode(passkey.QUESTION + key)
+    np.testing.assert_array_equal(row[-len(tail):], tail)  # The answer ends the row.
