@@ -16,8 +16,11 @@ Every ablation is an argument after ':' (combinable, no new file):
 `--config.a.b=v` flags then change any single field.
 
 Stages (SPEC 2.1; dsv2_jax/train/stages.py, docs/long_context.md). `stage=2` is the
-long-context adaptation of a finished stage-1 run: 16x the length (2,048 tokens), position
-interpolation x16, whole Wikipedia articles as single documents, 100 steps (10% of stage 1):
+long-context adaptation of a finished stage-1 run: 16x the length (2,048 tokens), YaRN x16
+RoPE interpolation, whole Wikipedia articles as single documents, 100 steps (10% of stage 1).
+The article's plain position interpolation is `rope=linear:16`; on this byte-level model it
+scales every frequency down, blurring the byte order it relies on, and ends 0.7 bits/byte
+behind YaRN after the same adaptation (docs/results.md section 8):
   python -m dsv2_jax train --config configs/tiny.py --workdir runs/tiny
   python -m dsv2_jax train --config configs/tiny.py:stage=2 --init_from runs/tiny \
       --workdir runs/tiny_long
@@ -68,7 +71,7 @@ STAGE1_SEQ_LEN = 128  # Stage 1's training length; stage 2 extends it (rope_orig
 # packing). Stage 2 keeps the tokens per step modest: 4 rows of 2,048 tokens.
 STAGES = {
     1: dict(steps=1000, seq_len=STAGE1_SEQ_LEN, batch_size=16, rope="none", packing="concat"),
-    2: dict(steps=100, seq_len=16 * STAGE1_SEQ_LEN, batch_size=4, rope="linear:16",
+    2: dict(steps=100, seq_len=16 * STAGE1_SEQ_LEN, batch_size=4, rope="yarn:16",
             packing="document"),
 }
 

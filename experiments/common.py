@@ -108,6 +108,23 @@ def peer_available(*modules: str) -> bool:
   return True
 
 
+def hf_llama(model_config: ml_collections.ConfigDict) -> Any:
+  """The peer model: transformers' LlamaForCausalLM of `model_config`'s shape (f32, sdpa).
+
+  SwiGLU, RMSNorm, RoPE, no biases, like our default; the caller sets train/eval mode.
+  """
+  import transformers  # pylint: disable=g-import-not-at-top
+  m = model_config
+  llama = transformers.LlamaConfig(
+      vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.ffn_hidden,
+      num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+      num_key_value_heads=m.num_kv_heads or m.num_heads, max_position_embeddings=m.max_seq_len,
+      rms_norm_eps=m.norm_eps, rope_theta=m.rope_max_wavelength,
+      tie_word_embeddings=m.tie_embeddings)
+  llama._attn_implementation = "sdpa"  # pylint: disable=protected-access
+  return transformers.LlamaForCausalLM(llama).float()
+
+
 # --- timing ------------------------------------------------------------------------------
 
 def timed(fn: Callable[[], Any]) -> float:

@@ -7,10 +7,10 @@ rows are pass-key rows over their own text, so the model learns retrieval at 128
 tokens next to real text). Stage 2 then adapts it to 16x the length (2,048 tokens) for
 100 steps (10% of stage 1) on whole Wikipedia articles, each variant a config argument
 appended to `--stage2` (configs/tiny.py:stage=2, plain text, no pass-key rows):
-  pi          position interpolation x16, dense attention
+  pi          position interpolation x16 (the article's method), dense attention
   pi_sliding  the same with sliding-window attention (W = 32)
   pi_dsa      the same with DSA (W = 32 + 15% entropy-selected global tokens)
-  yarn        YaRN x16 instead of PI
+  yarn        YaRN x16 instead of PI (the tiny stage-2 default)
 Without adaptation, the stage-1 parameters are also evaluated with only the RoPE
 setting changed: `stage1` (plain RoPE, extrapolating), `pi_no_adapt`, `ntk`, `yarn_no_adapt`.
 
@@ -55,9 +55,9 @@ from experiments import common
 STAGE1 = "configs/tiny.py:passkey=0.1"
 STAGE2 = "configs/tiny.py:stage=2"
 ADAPTED = {  # Stage-2 runs: arguments appended to --stage2.
-    "pi": "",
-    "pi_sliding": "attention=sliding_window",
-    "pi_dsa": "attention=dsa",
+    "pi": "rope=linear:16",
+    "pi_sliding": "rope=linear:16,attention=sliding_window",
+    "pi_dsa": "rope=linear:16,attention=dsa",
     "yarn": "rope=yarn:16",
 }
 NOT_ADAPTED = {  # Stage-1 parameters with another RoPE setting: model fields.
@@ -158,6 +158,17 @@ class Variant:
     return float(np.mean(np.all(predicted == rows[:, -a:], axis=1)))
 
 
+def summarize(entry: dict[str, Any] | None, n: int) -> dict[str, float]:
+  """Bits/byte per corpus and mean pass-key exact match of one variant at length n."""
+  out = {}
+  for corpus, r in ((entry or {}).get("ppl", {}).get(str(n)) or {}).items():
+    out[f"{corpus}_bits_per_byte"] = round(r["bits_per_byte"], 4)
+  cells = ((entry or {}).get("passkey", {}).get(str(n)) or {}).values()
+  if cells:
+    out["passkey"] = round(float(np.mean(list(cells))), 3)
+  return out
+
+
 def long_documents(spec: str, data_dir: str, tokenizer, doc_tokens: int, max_docs: int
                    ) -> list[np.ndarray]:
   """The first `doc_tokens` (+1) tokens of each validation document that long, in order."""
@@ -174,6 +185,10 @@ def main(argv: list[str]) -> None:
   parser.add_argument("--stage1", default=STAGE1, metavar="FILE[:args]")
   parser.add_argument("--stage2", default=STAGE2, metavar="FILE[:args]")
   parser.add_argument("--adapted", default=",".join(ADAPTED), help="Stage-2 variants to run.")
+  parser.add_argument("--parts", default="ppl,passkey,stride",
+                      help="What to evaluate: ppl, passkey, stride.")
+  parser.add_argument("--unadapted", default=",".join(NOT_ADAPTED),
+                      help="Stage-1 parameters under these RoPE settings (see NOT_ADAPTED).")
   parser.add_argument("--samples", type=int, default=20, help="Pass-key rows per cell.")
   parser.add_argument("--doc_tokens", type=int, default=4096)
   parser.add_argument("--max_docs", type=int, default=8)
@@ -199,7 +214,10 @@ def main(argv: list[str]) -> None:
     print(f"{name}: trained, held-out bits/byte {runs[name]['bits_per_byte']:.4f}", flush=True)
 
   # 2) Evaluate every variant at every length: perplexity on long documents, pass key.
-  variants = {name: (root / "stage1", fields) for name, fields in NOT_ADAPTED.items()}
+  parts = args.parts.split(",")
+  kinds = [k for k in ("ppl", "passkey") if k in parts]
+  variants = {name: (root / "stage1", NOT_ADAPTED[name])
+              for name in args.unadapted.split(",") if name}
   variants.update({name: (root / name, {}) for name in adapted})
   tokenizer = trainer.Run(trainer.load_config(root / "stage1"), root / "stage1").tokenizer
   corpora = {name: long_documents(spec, data_dir, tokenizer, args.doc_tokens, args.max_docs)
@@ -208,29 +226,25 @@ def main(argv: list[str]) -> None:
   haystack = np.concatenate([tokenizer.encode(t) for _, t in
                              retrieval.load_corpus("wiki_excerpt:validation", data_dir)])
   for name, (workdir, fields) in variants.items():
-    todo = [(kind, str(n)) for n in lengths for kind in ("ppl", "passkey")
+    todo = [(kind, str(n)) for n in lengths for kind in kinds
             if results.get(name, kind, str(n)) is None]
     if not todo:
       continue
     variant = Variant(workdir, max(lengths), **fields)
     for n in lengths:
-      if results.get(name, "ppl", str(n)) is None:
+      if "ppl" in kinds and results.get(name, "ppl", str(n)) is None:
         results.put({corpus: variant.bits_per_byte(streams, n)
                      for corpus, streams in corpora.items()}, name, "ppl", str(n))
-      if results.get(name, "passkey", str(n)) is None:
+      if "passkey" in kinds and results.get(name, "passkey", str(n)) is None:
         results.put({str(d): variant.passkey_accuracy(haystack, n, d, args.samples,
                                                       seed=1000 * n + int(100 * d))
                      for d in DEPTHS}, name, "passkey", str(n))
-      ppl = results.get(name, "ppl", str(n))
-      pk = results.get(name, "passkey", str(n))
-      print(f"{name} L={n}: wiki bpb {ppl['wiki']['bits_per_byte']:.3f}  bible bpb "
-            f"{ppl['bible_books']['bits_per_byte']:.3f}  passkey "
-            f"{np.mean(list(pk.values())):.2f}", flush=True)
+      print(f"{name} L={n}: {json.dumps(summarize(results.get(name), n))}", flush=True)
 
   # 3) Bits/byte against stride (SPEC 3.3, window 2048 / stride 512): S = W is the
   #    non-overlapping figure; smaller strides give every token more context.
-  for name, window in (("stage1", lengths[0]), ("pi", lengths[-1])):
-    if name not in variants:
+  for name, window in (("stage1", lengths[0]), ("pi", lengths[-1]), ("yarn", lengths[-1])):
+    if "stride" not in parts or name not in variants:
       continue
     todo = [s for s in (window, window // 2, window // 4, window // 8)
             if results.get("stride", name, str(s)) is None]
@@ -243,11 +257,7 @@ def main(argv: list[str]) -> None:
         results.put({"window": window, **r}, "stride", name, str(stride))
         print(f"stride {name} W={window} S={stride}: bpb {r['bits_per_byte']:.4f}", flush=True)
 
-  summary = {name: {
-      "wiki_bits_per_byte": {n: results.get(name, "ppl", str(n))["wiki"]["bits_per_byte"]
-                             for n in lengths},
-      "passkey_mean": {n: float(np.mean(list(results.get(name, "passkey", str(n)).values())))
-                       for n in lengths}} for name in variants}
+  summary = {name: {n: summarize(results.get(name), n) for n in lengths} for name in variants}
   result = {"command": common.command("experiments.long_context", argv),
             "stage1": args.stage1, "stage2": args.stage2, "lengths": list(lengths),
             "depths": list(DEPTHS), "samples_per_cell": args.samples,
@@ -262,28 +272,32 @@ def plot(result: dict[str, Any], png: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  variants = list(result["variants"])
-  lengths = result["lengths"]
-  fig = plt.figure(figsize=(15, 4 + 2.2 * math.ceil(len(variants) / 4)))
-  grid = fig.add_gridspec(1 + math.ceil(len(variants) / 4), 4)
-  for i, corpus in enumerate(CORPORA):
+  lengths, entries = result["lengths"], result["variants"]
+  with_ppl = [n for n, e in entries.items() if (e or {}).get("ppl")]
+  with_pk = [n for n, e in entries.items() if (e or {}).get("passkey")]
+  rows = (1 if with_ppl else 0) + math.ceil(len(with_pk) / 4)
+  fig = plt.figure(figsize=(15, 4 * bool(with_ppl) + 2.2 * math.ceil(len(with_pk) / 4)))
+  grid = fig.add_gridspec(max(rows, 1), 4)
+  for i, corpus in enumerate(CORPORA if with_ppl else ()):
     ax = fig.add_subplot(grid[0, 2 * i:2 * i + 2])
-    for name in variants:
-      ax.plot(lengths, [result["variants"][name]["ppl"][str(n)][corpus]["bits_per_byte"]
-                        for n in lengths], marker="o", label=name)
+    for name in with_ppl:
+      ax.plot(lengths, [entries[name]["ppl"][str(n)][corpus]["bits_per_byte"] for n in lengths],
+              marker="o", label=name)
     ax.set(xscale="log", xlabel="evaluation length (tokens)", ylabel="held-out bits/byte",
            title=f"{corpus} (stride L/4)")
     ax.minorticks_off()
     ax.set_xticks(lengths, [str(n) for n in lengths])
     ax.axvline(128, color="grey", lw=0.5, ls="--")
     ax.legend(fontsize=7)
-  for i, name in enumerate(variants):
-    ax = fig.add_subplot(grid[1 + i // 4, i % 4])
-    cells = np.array([[result["variants"][name]["passkey"][str(n)][str(d)] for n in lengths]
+  first = 1 if with_ppl else 0
+  for i, name in enumerate(with_pk):
+    ax = fig.add_subplot(grid[first + i // 4, i % 4])
+    cells = np.array([[entries[name]["passkey"][str(n)][str(d)] for n in lengths]
                       for d in result["depths"]])
     ax.imshow(cells, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
     ax.set_yticks(range(len(result["depths"])), [str(d) for d in result["depths"]], fontsize=7)
+    ax.set(xlabel="length", ylabel="needle depth")
     ax.set_title(f"pass key: {name}", fontsize=9)
     for (y, x), v in np.ndenumerate(cells):
       ax.text(x, y, f"{v:.0%}", ha="center", va="center", fontsize=6, color="w")

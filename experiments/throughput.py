@@ -91,18 +91,10 @@ class TorchLlamaStep:
 
   def __init__(self, config):
     import torch  # pylint: disable=g-import-not-at-top
-    import transformers  # pylint: disable=g-import-not-at-top
     self.torch = torch
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
-    m = config.model
-    llama = transformers.LlamaConfig(
-        vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.ffn_hidden,
-        num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
-        num_key_value_heads=m.num_heads, max_position_embeddings=m.max_seq_len,
-        rms_norm_eps=m.norm_eps, tie_word_embeddings=False)
-    llama._attn_implementation = "sdpa"  # pylint: disable=protected-access
-    self.model = transformers.LlamaForCausalLM(llama).float().train()
+    self.model = common.hf_llama(config.model).train()
     t = config.train
     self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(t.b1, t.b2),
                                  eps=t.eps, weight_decay=t.weight_decay)
