@@ -42,3 +42,29 @@ def test_write_records_the_machine_and_skips_the_plot_without_matplotlib(
   machine = json.loads((tmp_path / "r.json").read_text())["machine"]
   assert {"cpu", "avx512", "amx", "backend", "device", "jax"} <= set(machine)
   assert isinstance(machine["avx512"], bool) and machine["cpu"]
+
+
+def _run_experiment(*args: str) -> None:
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from tests.helpers import REPO  # pylint: disable=g-import-not-at-top
+  proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                        cwd=REPO, timeout=1200)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_long_context_rag_and_decode_speed_quick_runs(tmp_path, data_dir):
+  """The issue-14 experiments still run end to end (--quick; a few minutes)."""
+  work = tmp_path / "lc"
+  _run_experiment("experiments.long_context", "--quick", "--workdir", str(work),
+                  "--data_dir", data_dir, "--out", str(tmp_path / "lc.json"))
+  result = json.loads((tmp_path / "lc.json").read_text())
+  assert set(result["summary"]) >= {"stage1", "pi", "yarn"} and result["stride"]
+  _run_experiment("experiments.rag", "--quick", "--run", str(work / "stage1"), "--data_dir",
+                  data_dir, "--query_tokens", "32", "--stride", "32", "--passage_tokens", "64",
+                  "--out", str(tmp_path / "rag.json"))
+  rag = json.loads((tmp_path / "rag.json").read_text())
+  assert rag["bpb"]["native"]["tokens"] == rag["bpb"]["rag"]["tokens"]
+  _run_experiment("experiments.decode_speed", "--quick", "--no_hf",
+                  "--out", str(tmp_path / "decode.json"))
