@@ -86,6 +86,7 @@ def get_config(arg: str | None = None):
       rope="",  # KIND:FACTOR: model.rope_scaling and rope_scale ('' = the stage's default).
       packing="",  # data.packing: concat | document ('' = the stage's default).
       passkey=0.0,  # data.passkey_fraction: rows turned into pass-key retrieval rows.
+      passkey_weight=1.0,  # data.passkey_answer_weight: loss weight of their answer tokens.
       dataset="wiki_excerpt",  # data.dataset: a local builder or a TFDS catalog name.
       width=128,  # Residual width D; 4 heads of D/4, SwiGLU FFN of 4D.
       layers=4,  # Decoder blocks L.
@@ -135,7 +136,8 @@ def get_config(arg: str | None = None):
   if args.lossfree:
     c.model.moe.update(aux_loss_weight=0.0, balance_bias_rate=1e-3)
   c.data.update(dataset=args.dataset, seq_len=args.seq_len, batch_size=args.batch_size,
-                packing=args.packing, passkey_fraction=args.passkey)
+                packing=args.packing, passkey_fraction=args.passkey,
+                passkey_answer_weight=args.passkey_weight)
   c.train.update(
       steps=args.steps,
       # The article's 5e-5 peak is for a 175B model; a 1M-parameter model trains far

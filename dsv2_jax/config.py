@@ -127,6 +127,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Fraction of training rows turned into pass-key retrieval rows over their own text
   # (dsv2_jax/data/passkey.py): the synthetic long-context skill, next to real text.
   d.passkey_fraction = 0.0
+  # Loss weight of a pass-key row's answer tokens (5 of T): > 1 makes the rare retrieval
+  # signal count next to the text around it.
+  d.passkey_answer_weight = 1.0
   d.batch_size = 32  # Rows per optimizer step B (global, over all devices).
   d.tokenizer = "byte"  # One of TOKENIZERS.
   d.tokenizer_model = ""  # Path of a local SentencePiece model (tokenizer="sentencepiece").
@@ -379,6 +382,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_choice(d.packing, "data.packing", pipeline.PACKINGS)
   _check(0.0 <= d.passkey_fraction <= 1.0,
          f"data.passkey_fraction={d.passkey_fraction} must be in [0, 1].")
+  _check(d.passkey_answer_weight > 0, f"data.passkey_answer_weight="
+         f"{d.passkey_answer_weight} must be > 0.")
   _check(0.0 <= m.dropout_rate < 1.0, f"model.dropout_rate={m.dropout_rate} must be in [0, 1).")
   _check(m.scan_unroll >= 1, f"model.scan_unroll={m.scan_unroll} must be >= 1 "
          "(values >= model.num_layers unroll the whole stack).")

@@ -58,8 +58,7 @@ def passkey_row(haystack: np.ndarray, key: str, depth: float, length: int,
 
 
 def mix_into_row(tokens: np.ndarray, rng: np.random.Generator, tokenizer: Tokenizer
-                 ) -> np.ndarray:
+                 ) -> tuple[np.ndarray, int]:
   """A packed training row turned into a pass-key row of the same length (own text as
-  haystack, uniform depth, random key)."""
-  row, _ = passkey_row(tokens, random_key(rng), float(rng.uniform()), len(tokens), tokenizer)
-  return row
+  haystack, uniform depth, random key); returns (row, answer tokens at its end)."""
+  return passkey_row(tokens, random_key(rng), float(rng.uniform()), len(tokens), tokenizer)

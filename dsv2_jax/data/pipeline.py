@@ -89,18 +89,21 @@ def _packed(ds: grain.IterDataset, seq_len: int, packing: str = "concat", pad_id
 
 
 class _PasskeyMix(grain.transforms.RandomMap):
-  """Turns a `fraction` of full rows into pass-key rows built from their own text."""
+  """Turns a `fraction` of full rows into pass-key rows built from their own text; their
+  answer tokens weigh `answer_weight` in the loss (every other token 1)."""
 
-  def __init__(self, fraction: float, tokenizer: Tokenizer):
-    self.fraction, self.tokenizer = fraction, tokenizer
+  def __init__(self, fraction: float, tokenizer: Tokenizer, answer_weight: float = 1.0):
+    self.fraction, self.tokenizer, self.answer_weight = fraction, tokenizer, answer_weight
 
   def random_map(self, example: dict[str, np.ndarray], rng: np.random.Generator
                  ) -> dict[str, np.ndarray]:
     if rng.uniform() >= self.fraction or not example["weights"].all():
       return example
     tokens = np.concatenate([example["inputs"][:1], example["targets"]])  # [T + 1]
-    tokens = passkey.mix_into_row(tokens, rng, self.tokenizer)
-    return {"inputs": tokens[:-1], "targets": tokens[1:], "weights": example["weights"]}
+    tokens, answer = passkey.mix_into_row(tokens, rng, self.tokenizer)
+    weights = example["weights"].copy()
+    weights[-answer:] = self.answer_weight
+    return {"inputs": tokens[:-1], "targets": tokens[1:], "weights": weights}
 
 
 def train_dataset(data: ml_collections.ConfigDict, tokenizer: Tokenizer, seed: int,
@@ -128,7 +131,8 @@ def train_dataset(data: ml_collections.ConfigDict, tokenizer: Tokenizer, seed: i
   ds = ds.map(_tokenize_fn(tokenizer, data.text_key)).to_iter_dataset()
   ds = _packed(ds, data.seq_len, data.packing, tokenizer.pad_id, seed)
   if data.passkey_fraction > 0:
-    ds = ds.random_map(_PasskeyMix(data.passkey_fraction, tokenizer), seed=seed + 1)
+    ds = ds.random_map(_PasskeyMix(data.passkey_fraction, tokenizer,
+                                   data.passkey_answer_weight), seed=seed + 1)
   return ds.batch(data.batch_size // shard_count, drop_remainder=True)
 
 

@@ -61,7 +61,7 @@ from dsv2_jax.train.step import jit_train_step
 # Sections whose change would make a resumed run a different experiment.
 _RESUME_MUST_MATCH = ("seed", "model", "data.dataset", "data.seq_len", "data.batch_size",
                       "data.tokenizer", "data.tokenizer_model", "data.text_key", "data.packing",
-                      "data.passkey_fraction",
+                      "data.passkey_fraction", "data.passkey_answer_weight",
                       "data.train_split", "train.init_from")
 
 

@@ -117,14 +117,17 @@ def test_document_packing_never_crosses_documents_and_resumes(data_dir):
 
 def test_passkey_rows_hide_the_key_in_their_own_text(data_dir):
   c = tiny_config(data_dir)
-  c.data.update(passkey_fraction=0.5, seq_len=128)
+  c.data.update(passkey_fraction=0.5, seq_len=128, passkey_answer_weight=7.0)
   tok = ByteTokenizer()
-  rows = [r for b in take(iter(pipeline.train_dataset(c.data, tok, seed=0)), 8)
-          for r in np.concatenate([b["inputs"][:, :1], b["targets"]], axis=1)]
-  keyed = [(r, tok.decode(r)) for r in rows if passkey.QUESTION in tok.decode(r)]
+  batches = take(iter(pipeline.train_dataset(c.data, tok, seed=0)), 8)
+  rows = [(r, w) for b in batches for r, w in
+          zip(np.concatenate([b["inputs"][:, :1], b["targets"]], axis=1), b["weights"])]
+  keyed = [(r, w, tok.decode(r)) for r, w in rows if passkey.QUESTION in tok.decode(r)]
   assert 0.25 < len(keyed) / len(rows) < 0.75  # 32 rows at p = 0.5.
-  for row, text in keyed:
+  for row, weights, text in keyed:
     key = text[-passkey.KEY_DIGITS:]
     assert key.isdigit() and passkey.NEEDLE.format(key=key) in text
     tail = tok.encode(passkey.QUESTION + key)
     np.testing.assert_array_equal(row[-len(tail):], tail)  # The answer ends the row.
+    np.testing.assert_array_equal(weights[-6:], [1, 7, 7, 7, 7, 7])  # The key's targets.
+  assert all(w.max() == 1 for r, w in rows if passkey.QUESTION not in tok.decode(r))
