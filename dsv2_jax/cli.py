@@ -121,10 +121,9 @@ def _train() -> None:
     print(f"stopped at step {result.step} ({why}) with a checkpoint; run the same command "
           "to resume.")
     return
+  from dsv2_jax.train import evaluate  # pylint: disable=g-import-not-at-top
   print(f"held-out ({_CONFIG.value.data.dataset}/{_CONFIG.value.data.eval_split}): "
-        f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  "
-        f"bits/byte {result['bits_per_byte']:.4f}  "
-        f"(unigram baseline {result['unigram_bits_per_byte']:.4f})  tokens {result['tokens']:,}")
+        + evaluate.summary(result))
   sample = pathlib.Path(workdir) / "sample.txt"
   if sample.exists():
     print("sample:\n" + sample.read_text(encoding="utf-8"))

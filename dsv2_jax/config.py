@@ -19,18 +19,19 @@ from typing import Any
 
 import ml_collections
 
-from dsv2_jax.data import corpora, pipeline, tokenizer
+from dsv2_jax.data import pipeline, sources, tokenizer
 from dsv2_jax.model import attention, ffn, layers, moe_dispatch, remat, rope, transformer
 from dsv2_jax.model import dsa as dsa_lib
 
 # The choices of a field are owned by the module that implements them.
-# Local TFDS builders shipped in `dsv2_jax.data.corpora`; any other name is treated
+# Local TFDS builders (`dsv2_jax.data.sources.LOCAL_BUILDERS`); any other name is treated
 # as a TFDS catalog name ("c4/en", "pg19", ...) that must be prepared in data_dir.
-LOCAL_DATASETS = tuple(corpora.LOCAL_BUILDERS)
+LOCAL_DATASETS = tuple(sources.LOCAL_BUILDERS)
 DTYPES = tuple(layers.DTYPES)
 ACTIVATIONS = tuple(ffn.ACTIVATIONS)
 NORMS = layers.NORMS
 POSITIONS = transformer.POSITIONS
+HEADS = transformer.HEADS
 ROPE_SCALINGS = rope.ROPE_SCALINGS
 ATTENTIONS = attention.ATTENTIONS
 MOE_DISPATCH = moe_dispatch.DISPATCH_PATHS
@@ -72,6 +73,9 @@ def default_config() -> ml_collections.ConfigDict:
   m.yarn_beta_slow = 1.0  # length extrapolate; < beta_slow turns interpolate.
   m.max_seq_len = 2048  # Position limit in tokens (learned table size; decode cache cap).
   m.tie_embeddings = False  # Share the input embedding with the output head.
+  # One of HEADS: 'lm' (next-token logits) or 'scalar' (a reward model's score; trained on
+  # data.format='preference' pairs with the Bradley-Terry loss, docs/rlhf.md).
+  m.head = "lm"
   m.dropout_rate = 0.0  # Residual dropout probability.
   m.attention = "dense"  # One of ATTENTIONS; 'sliding_window' is DSA with budget 0.
   # Dynamic sparse attention (docs/dsa.md): local window + score-selected global tokens.
@@ -115,14 +119,26 @@ def default_config() -> ml_collections.ConfigDict:
   m.init_std = 0.02  # Std of the embedding init (projections use fan-in scaling).
 
   d = c.data = ml_collections.ConfigDict()
-  d.dataset = "wiki_excerpt"  # Local builder (LOCAL_DATASETS) or a TFDS catalog name.
+  # Local builder (LOCAL_DATASETS) or a TFDS catalog name; 'a+b' joins the examples of
+  # several (e.g. the SFT mixture 'chatterbot+bible_quotes').
+  d.dataset = "wiki_excerpt"
   d.data_dir = "~/tensorflow_datasets"  # TFDS data dir (passed explicitly, never env).
   d.text_key = "text"  # Feature holding the document text (pg19: "book_text").
+  # What an example is (one of pipeline.FORMATS):
+  #   text        documents for language modelling (pretraining, long context);
+  #   chat        prompt/response pairs in the chat template, loss on responses only (SFT);
+  #   preference  texts with a 0/1 label: (label 1, label 0) pairs for a reward model.
+  d.format = "text"
+  d.prompt_key = "prompt"  # format=chat: the user turn's feature.
+  d.response_key = "response"  # format=chat: the assistant turn's feature.
+  d.label_key = "label"  # format=preference: 1 = preferred (e.g. fresh review), 0 = not.
   d.train_split = "train"
   d.eval_split = "validation"
   d.seq_len = 2048  # Tokens per training row T.
   # concat: documents joined and cut into rows (GPT-style); document: every row from one
   # document (long-context stage: whole books and articles), the tail row padded.
+  # format=chat: first_fit packs whole examples into rows (attention stays within each
+  # example; dense attention), none gives each example its own padded row.
   d.packing = "concat"
   # Fraction of training rows turned into pass-key retrieval rows over their own text
   # (dsv2_jax/data/passkey.py): the synthetic long-context skill, next to real text.
@@ -379,7 +395,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_moe(m)
   _validate_remat(m)
   _check_choice(d.tokenizer, "data.tokenizer", TOKENIZERS)
-  _check_choice(d.packing, "data.packing", pipeline.PACKINGS)
+  _check_choice(d.format, "data.format", pipeline.FORMATS)
+  _check_choice(d.packing, "data.packing", pipeline.PACKINGS[d.format])
+  if d.packing == "first_fit":
+    _check(m.attention == "dense", f"data.packing='first_fit' keeps examples apart with a "
+           f"dense attention mask; model.attention={m.attention!r} has none: use "
+           "data.packing='none' (one example per row).")
+  _check_choice(m.head, "model.head", HEADS)
+  _check((m.head == "scalar") == (d.format == "preference"),
+         f"model.head={m.head!r} goes with data.format="
+         f"{'preference' if m.head == 'scalar' else 'text or chat'!r}, not {d.format!r}: a "
+         "reward model (head 'scalar') trains on preference pairs, a language model on text.")
   _check(0.0 <= d.passkey_fraction <= 1.0,
          f"data.passkey_fraction={d.passkey_fraction} must be in [0, 1].")
   _check(d.passkey_answer_weight > 0, f"data.passkey_answer_weight="
@@ -390,10 +416,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(isinstance(d.dataset, str) and d.dataset.strip() != "",
          "data.dataset is empty: use one of "
          f"{list(LOCAL_DATASETS)} or a TFDS catalog name such as 'c4/en'.")
-  name = d.dataset.split("/")[0].split(":")[0]
-  _check(name.replace("_", "").replace(".", "").isalnum(),
-         f"data.dataset={d.dataset!r} is not a dataset name: use one of "
-         f"{list(LOCAL_DATASETS)} or a TFDS catalog name such as 'c4/en'.")
+  for part in d.dataset.split("+"):
+    name = part.split("/")[0].split(":")[0]
+    _check(name.replace("_", "").replace(".", "").isalnum(),
+           f"data.dataset={d.dataset!r} is not a dataset name: use one of "
+           f"{list(LOCAL_DATASETS)} or a TFDS catalog name such as 'c4/en' ('a+b' joins "
+           "several).")
   if d.tokenizer == "sentencepiece":
     _check(bool(d.tokenizer_model), "data.tokenizer='sentencepiece' needs "
            "data.tokenizer_model=PATH of a trained .model file.")

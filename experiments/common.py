@@ -202,6 +202,25 @@ def command(module: str, argv: Sequence[str]) -> str:
   return shlex.join(["python", "-m", module, *argv])
 
 
+def train_stage(spec: str, workdir: pathlib.Path, data_dir: str, init_from: str = "") -> dict:
+  """Trains (or resumes, or just reads) one stage of a chain in `workdir`; returns its
+  eval.json plus train_seconds and the config spec. No sample is generated."""
+  from dsv2_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  c = load_config(spec)
+  c.data.data_dir = data_dir
+  c.train.init_from = init_from
+  c.sample.max_new_tokens = 0
+  if not (workdir / "eval.json").exists():
+    start = time.perf_counter()
+    trainer.train_and_evaluate(c, workdir)
+    (workdir / "train_seconds.json").write_text(json.dumps(time.perf_counter() - start))
+  result = json.loads((workdir / "eval.json").read_text())
+  seconds = workdir / "train_seconds.json"
+  result["train_seconds"] = json.loads(seconds.read_text()) if seconds.exists() else None
+  result["config"] = spec
+  return result
+
+
 # --- output ------------------------------------------------------------------------------
 
 def write(result: dict[str, Any], out: str,

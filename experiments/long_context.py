@@ -38,7 +38,6 @@ import math
 import os
 import pathlib
 import sys
-import time
 from typing import Any
 
 import jax
@@ -59,6 +58,7 @@ ADAPTED = {  # Stage-2 runs: arguments appended to --stage2.
     "pi_sliding": "rope=linear:16,attention=sliding_window",
     "pi_dsa": "rope=linear:16,attention=dsa",
     "yarn": "rope=yarn:16",
+    "yarn_passkey": "rope=yarn:16,passkey=0.25,passkey_weight=50",  # keeps pass-key rows
 }
 NOT_ADAPTED = {  # Stage-1 parameters with another RoPE setting: model fields.
     "stage1": dict(rope_scaling="none", rope_scale=1.0),
@@ -92,23 +92,6 @@ class Results:
       node = node.setdefault(key, {})
     node[keys[-1]] = value
     self.path.write_text(json.dumps(self.data, indent=1, sort_keys=True))
-
-
-def train(spec: str, workdir: pathlib.Path, data_dir: str, init_from: str = "") -> dict:
-  """Trains (or resumes, or just reads) one stage; returns its eval.json and timing."""
-  c = common.load_config(spec)
-  c.data.data_dir = data_dir
-  c.train.init_from = init_from
-  c.sample.max_new_tokens = 0
-  if not (workdir / "eval.json").exists():
-    start = time.perf_counter()
-    trainer.train_and_evaluate(c, workdir)
-    (workdir / "train_seconds.json").write_text(json.dumps(time.perf_counter() - start))
-  result = json.loads((workdir / "eval.json").read_text())
-  seconds = workdir / "train_seconds.json"
-  result["train_seconds"] = json.loads(seconds.read_text()) if seconds.exists() else None
-  result["config"] = spec
-  return result
 
 
 class Variant:
@@ -184,7 +167,7 @@ def main(argv: list[str]) -> None:
   parser.add_argument("--data_dir", default="~/tensorflow_datasets")
   parser.add_argument("--stage1", default=STAGE1, metavar="FILE[:args]")
   parser.add_argument("--stage2", default=STAGE2, metavar="FILE[:args]")
-  parser.add_argument("--adapted", default=",".join(ADAPTED), help="Stage-2 variants to run.")
+  parser.add_argument("--adapted", default="pi,pi_sliding,pi_dsa,yarn", help="Stage-2 variants to run.")
   parser.add_argument("--parts", default="ppl,passkey,stride",
                       help="What to evaluate: ppl, passkey, stride.")
   parser.add_argument("--unadapted", default=",".join(NOT_ADAPTED),
@@ -206,10 +189,10 @@ def main(argv: list[str]) -> None:
   results = Results(root / "results.json")
 
   # 1) Stage 1 at 128 tokens, then each stage-2 variant from it.
-  runs = {"stage1": train(args.stage1, root / "stage1", data_dir)}
+  runs = {"stage1": common.train_stage(args.stage1, root / "stage1", data_dir)}
   adapted = [a for a in args.adapted.split(",") if a]
   for name in adapted:
-    runs[name] = train(common.with_args(args.stage2, ADAPTED[name]), root / name, data_dir,
+    runs[name] = common.train_stage(common.with_args(args.stage2, ADAPTED[name]), root / name, data_dir,
                        init_from=str(root / "stage1"))
     print(f"{name}: trained, held-out bits/byte {runs[name]['bits_per_byte']:.4f}", flush=True)
 

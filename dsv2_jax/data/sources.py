@@ -1,12 +1,12 @@
 """Dataset name -> TFDS random-access data source (array_record, no TensorFlow).
 
-Local builders (`corpora.LOCAL_BUILDERS`) are prepared on first use, under a file
-lock so that parallel processes do not race. Any other name is a TFDS catalog name
-("c4/en", "pg19") and goes through the same `builder -> prepare -> data source`
-path; when it is not prepared under `data_dir`, we only try to prepare it if
-`data.download` is set and the network answers within seconds, and otherwise fail
-at once with the command that prepares it (TFDS would retry cloud storage for
-minutes).
+Local builders (`LOCAL_BUILDERS`, from `corpora`, `chat_corpora` and `review_corpora`)
+are prepared on first use, under a file lock so that parallel processes do not race.
+Any other name is a TFDS catalog name ("c4/en", "pg19") and goes through the same
+`builder -> prepare -> data source` path; when it is not prepared under `data_dir`, we
+only try to prepare it if `data.download` is set and the network answers within
+seconds, and otherwise fail at once with the command that prepares it (TFDS would
+retry cloud storage for minutes).
 """
 
 from __future__ import annotations
@@ -18,9 +18,14 @@ import pathlib
 import socket
 from typing import Any
 
+import grain
 import tensorflow_datasets as tfds
 
-from dsv2_jax.data import corpora
+from dsv2_jax.data import chat_corpora, corpora, review_corpora
+
+# Every local builder by dataset name; the one registry that users (config) read.
+LOCAL_BUILDERS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
+    **corpora.LOCAL_BUILDERS, **chat_corpora.BUILDERS, **review_corpora.BUILDERS}
 
 
 class DatasetUnavailableError(RuntimeError):
@@ -56,17 +61,17 @@ def get_builder(dataset: str, data_dir: str, download: bool = False) -> tfds.cor
   """Returns a prepared TFDS builder for `dataset`, preparing local corpora on demand."""
   root = pathlib.Path(data_dir).expanduser()
   name, variant = _split_name(dataset)
-  if name in corpora.LOCAL_BUILDERS:
+  if name in LOCAL_BUILDERS:
     kwargs: dict[str, Any] = {"data_dir": str(root), "file_format": "array_record"}
     if variant:
       kwargs["config"] = variant
     try:
-      builder = corpora.LOCAL_BUILDERS[name](**kwargs)
+      builder = LOCAL_BUILDERS[name](**kwargs)
     except ValueError as e:
       raise DatasetUnavailableError(f"data.dataset={dataset!r}: {e}") from e
     if not builder.is_prepared():
       with _file_lock(root):
-        builder = corpora.LOCAL_BUILDERS[name](**kwargs)  # Re-check under the lock.
+        builder = LOCAL_BUILDERS[name](**kwargs)  # Re-check under the lock.
         if not builder.is_prepared():
           logging.info("Preparing local corpus %s under %s", dataset, root)
           tfds.disable_progress_bar()
@@ -82,7 +87,7 @@ def get_builder(dataset: str, data_dir: str, download: bool = False) -> tfds.cor
         f"data.dataset={dataset!r} is not prepared under data.data_dir={str(root)!r} and its "
         f"TFDS builder is not importable here (not a TFDS catalog name, or it needs "
         f"TensorFlow). Prepare it once on a machine with internet: `{prepare_cmd}`, then "
-        f"copy the folder to data.data_dir. Local corpora: {list(corpora.LOCAL_BUILDERS)}."
+        f"copy the folder to data.data_dir. Local corpora: {list(LOCAL_BUILDERS)}."
     ) from e
   if builder.is_prepared():
     return builder
@@ -100,7 +105,13 @@ def get_builder(dataset: str, data_dir: str, download: bool = False) -> tfds.cor
 
 
 def data_source(dataset: str, split: str, data_dir: str, download: bool = False):
-  """Random-access source of decoded examples (dicts of numpy/bytes) for `split`."""
+  """Random-access source of decoded examples (dicts of numpy/bytes) for `split`.
+
+  'a+b' is the examples of a, then those of b (each source keeps its own features).
+  """
+  if "+" in dataset:
+    parts = [data_source(name, split, data_dir, download) for name in dataset.split("+")]
+    return grain.MapDataset.concatenate([grain.MapDataset.source(p) for p in parts])
   builder = get_builder(dataset, data_dir, download)
   if split not in builder.info.splits:
     raise DatasetUnavailableError(

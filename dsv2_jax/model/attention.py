@@ -26,9 +26,22 @@ from dsv2_jax.model.rope import apply_rope, rope_frequencies
 ATTENTIONS = ("dense", "sliding_window", "dsa")  # `model.attention`.
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """Dense causal softmax attention (XLA). q [B,T,N,H], k/v [B,T,K,H] -> [B,T,N,H]."""
-  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                     segments: jax.Array | None = None) -> jax.Array:
+  """Dense causal softmax attention (XLA). q [B,T,N,H], k/v [B,T,K,H] -> [B,T,N,H].
+
+  segments: int [B, T] example ids of packed rows; a query attends only within its own.
+  """
+  mask = None
+  if segments is not None:
+    mask = (segments[:, :, None] == segments[:, None, :])[:, None]  # [B, 1, T, S]
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                      implementation="xla")
+
+
+def packed_segments(positions: jax.Array) -> jax.Array:
+  """int [B, T] example ids of a packed row: every position 0 starts a new example."""
+  return jnp.cumsum(positions == 0, axis=1)
 
 
 def dsa_spec(cfg: ml_collections.ConfigDict) -> dsa.DSASpec | None:
@@ -68,10 +81,13 @@ class Attention(nn.Module):
   Attributes:
     cfg: the `model` config section (frozen).
     decode: write k/v into the cache and attend over it (generation).
+    packed: rows hold several examples (positions restart at 0 for each); attention
+      stays within an example. Dense attention only.
   """
 
   cfg: ml_collections.FrozenConfigDict
   decode: bool = False
+  packed: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
@@ -108,7 +124,11 @@ class Attention(nn.Module):
     if self.decode:
       out = self._cached_attention(q, k, v, positions, spec)
     elif spec is None:
-      out = causal_attention(q, k, v)  # [B, T, N, H]
+      segments = packed_segments(positions) if self.packed else None
+      out = causal_attention(q, k, v, segments)  # [B, T, N, H]
+    elif self.packed:
+      raise ValueError(f"model.attention={cfg.attention!r} does not take packed rows: use "
+                       "dense attention or data.packing='none'.")
     else:
       out = dsa.dsa_attention(q, k, v, spec, positions)
     out = checkpoint_name(out, "attention_out").reshape(b * t, n, h)  # [X, N, H]

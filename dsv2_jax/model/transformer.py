@@ -25,6 +25,9 @@ from dsv2_jax.parallel import pipeline
 # `model.position`: 'rope' rotates q and k in attention; 'learned' adds a [max_seq_len, D]
 # table to the embeddings here; 'none' uses neither.
 POSITIONS = ("rope", "learned", "none")
+# `model.head`: 'lm' gives next-token logits [B, T, V]; 'scalar' gives one score per
+# position [B, T] (f32), a reward model's output read at the last token of a text.
+HEADS = ("lm", "scalar")
 
 
 class DecoderBlock(nn.Module):
@@ -34,6 +37,7 @@ class DecoderBlock(nn.Module):
   deterministic: bool = True
   decode: bool = False
   moe: bool = False  # Routed experts (GMoE) instead of the dense FFN.
+  packed: bool = False  # Rows hold several examples; attention stays within each.
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, None]:
@@ -42,7 +46,8 @@ class DecoderBlock(nn.Module):
     norm = lambda name: Norm(cfg.norm, cfg.norm_eps, dtype_of(cfg.dtype),  # noqa: E731
                              dtype_of(cfg.param_dtype), name=name)
     dropout = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
-    h = Attention(cfg, self.decode, name="attention")(norm("attention_norm")(x), positions)
+    h = Attention(cfg, self.decode, self.packed, name="attention")(
+        norm("attention_norm")(x), positions)
     x = x + dropout(h)
     ffn = MoEFeedForward(cfg, name="moe") if self.moe else FeedForward(cfg, name="ffn")
     h = ffn(norm("ffn_norm")(x))
@@ -57,13 +62,14 @@ class BlockGroup(nn.Module):
   cfg: ml_collections.FrozenConfigDict
   deterministic: bool = True
   decode: bool = False
+  packed: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, None]:
     n = self.cfg.moe.every_n_layers
     for i in range(n):
       x, _ = DecoderBlock(self.cfg, self.deterministic, self.decode, moe=i == n - 1,
-                          name=f"block_{i}")(x, positions)
+                          packed=self.packed, name=f"block_{i}")(x, positions)
     return x, None
 
 
@@ -80,7 +86,8 @@ def layer_plan(cfg: ml_collections.FrozenConfigDict) -> list[tuple[str, type, in
 
 
 class Transformer(nn.Module):
-  """The language model: int tokens [B, T] -> logits [B, T, V] (compute dtype).
+  """The language model: int tokens [B, T] -> logits [B, T, V] (compute dtype), or
+  with `model.head='scalar'` one f32 score per position [B, T].
 
   Attributes:
     cfg: the `model` config section, frozen (`ml_collections.FrozenConfigDict`).
@@ -89,20 +96,27 @@ class Transformer(nn.Module):
   cfg: ml_collections.FrozenConfigDict
 
   @nn.compact
-  def __call__(self, tokens: jax.Array, *, deterministic: bool = True,
-               decode: bool = False) -> jax.Array:
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *,
+               deterministic: bool = True, decode: bool = False) -> jax.Array:
     """Args:
       tokens: int32 [B, T].
+      positions: int32 [B, T] for rows packed with several examples (grain's first-fit
+        packing): each example's positions restart at 0, and a token attends only to
+        earlier tokens of its own example (a 0 starts a new one). None: 0..T-1.
       deterministic: disables dropout.
       decode: generation mode; the tokens continue what the 'cache' collection holds.
 
     Returns:
-      logits [B, T, V].
+      logits [B, T, V], or scores [B, T] (f32) with the scalar head.
     """
     cfg = self.cfg
     dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     b, t = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    packed = positions is not None
+    if packed and decode:
+      raise ValueError("packed rows (explicit positions) are for training, not decoding.")
+    if not packed:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if decode:  # Positions continue from what the cache already holds.
       index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
       positions = positions + index.value
@@ -126,7 +140,7 @@ class Transformer(nn.Module):
         unit = nn.remat(unit, policy=remat.policy(cfg.remat_policy, cfg.remat_names),
                         prevent_cse=not cfg.scan_layers)
       if stages > 1 and cfg.scan_layers and not self.is_initializing():
-        x = self._pipelined(name, unit, repeats, x, positions, deterministic, decode)
+        x = self._pipelined(name, unit, repeats, x, positions, deterministic, decode, packed)
       elif cfg.scan_layers:
         stack = nn.scan(
             unit,
@@ -136,13 +150,18 @@ class Transformer(nn.Module):
             length=repeats,
             unroll=min(cfg.scan_unroll, repeats),
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, deterministic, decode, name=name)
+        )(cfg, deterministic, decode, packed=packed, name=name)
         x, _ = stack(x, positions)
       else:
         for i in range(repeats):
-          x, _ = unit(cfg, deterministic, decode, name=f"{name}_{i}")(x, positions)
+          x, _ = unit(cfg, deterministic, decode, packed=packed, name=f"{name}_{i}")(
+              x, positions)
 
     x = Norm(cfg.norm, cfg.norm_eps, dtype, param_dtype, name="final_norm")(x)
+    if cfg.head == "scalar":  # A reward model: one score per position.
+      score = Einsum((cfg.d_model,), ("embed",), (0,), dtype, param_dtype,
+                     name="score_head")("XD,D->X", x)
+      return score.astype(jnp.float32).reshape(b, t)  # [B, T]
     if cfg.tie_embeddings:
       logits = embedder.decode(x)
     else:
@@ -153,7 +172,8 @@ class Transformer(nn.Module):
 
 
   def _pipelined(self, name: str, unit: type, repeats: int, x: jax.Array,
-                 positions: jax.Array, deterministic: bool, decode: bool) -> jax.Array:
+                 positions: jax.Array, deterministic: bool, decode: bool,
+                 packed: bool = False) -> jax.Array:
     """The scanned stack `name` run as pipeline stages (`parallel.pipeline`).
 
     Uses the same [L, ...] parameters (and decode cache) the scan created, so every
@@ -165,7 +185,7 @@ class Transformer(nn.Module):
     def layer_fn(p, h, pos, key_id, cache):
       rngs = {} if key is None else {"dropout": jax.random.fold_in(key, key_id)}
       variables = {"params": p} if cache is None else {"params": p, "cache": cache}
-      (h, _), sown = unit(self.cfg, deterministic, decode, parent=None).apply(
+      (h, _), sown = unit(self.cfg, deterministic, decode, packed=packed, parent=None).apply(
           variables, h, pos, rngs=rngs, mutable=["intermediates", "cache"])
       return h, sown.get("intermediates", {}), sown.get("cache")
 

@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 from dsv2_jax.data import pipeline
 from dsv2_jax.data.tokenizer import Tokenizer
 from dsv2_jax.parallel import sharding
+from dsv2_jax.rlhf import reward
 from dsv2_jax.train.step import eval_step
 
 
@@ -35,7 +36,12 @@ def make_eval_fn(model: nn.Module, tokenizer: Tokenizer, mesh: Mesh, param_shard
 
 def evaluate(eval_fn, params: Any, config: ml_collections.ConfigDict, tokenizer: Tokenizer,
              mesh: Mesh, max_batches: int = 0) -> dict[str, float]:
-  """Runs `eval_fn` over the eval split (the first `max_batches` batches if > 0)."""
+  """Runs `eval_fn` over the eval split (the first `max_batches` batches if > 0).
+
+  A reward model (scalar head) gets `evaluate_preference`'s figures instead.
+  """
+  if config.model.head == "scalar":
+    return evaluate_preference(eval_fn, params, config, tokenizer, mesh, max_batches)
   totals = None
   counts = np.zeros(tokenizer.vocab_size, np.int64)
   shard = jax.process_index(), jax.process_count()
@@ -62,3 +68,43 @@ def evaluate(eval_fn, params: Any, config: ml_collections.ConfigDict, tokenizer:
       "bytes": int(num_bytes),
       "unigram_bits_per_byte": unigram_bits / max(num_bytes, 1.0),
   }
+
+
+def evaluate_preference(eval_fn, params: Any, config: ml_collections.ConfigDict,
+                        tokenizer: Tokenizer, mesh: Mesh, max_batches: int = 0
+                        ) -> dict[str, float]:
+  """Scores every eval-split text once; pairwise accuracy and Bradley-Terry loss over
+  every (label 1, label 0) pair (`rlhf.reward`), and the mean score of each label."""
+  shard = jax.process_index(), jax.process_count()
+  per_process = config.eval.batch_size // shard[1]
+  scores, labels = [], []
+  for batch in pipeline.preference_eval_batches(config.data, tokenizer, config.eval.batch_size,
+                                                max_batches):
+    local = {k: batch[k][shard[0] * per_process:(shard[0] + 1) * per_process]
+             for k in ("inputs", "score_mask")}
+    out = jax.device_get(eval_fn(params, sharding.put_batch(local, mesh)))["scores"]
+    valid = batch["valid"] > 0
+    scores.append(np.asarray(out)[valid])
+    labels.append(batch["label"][valid])
+  if not scores:
+    raise ValueError(f"eval split {config.data.eval_split!r} produced no batches.")
+  scores, labels = np.concatenate(scores), np.concatenate(labels)
+  return {
+      "pairwise_accuracy": reward.pairwise_accuracy(scores, labels),
+      "loss": reward.pair_loss(scores, labels),
+      "mean_score_preferred": float(np.mean(scores[labels == 1])),
+      "mean_score_other": float(np.mean(scores[labels == 0])),
+      "texts": int(len(scores)),
+  }
+
+
+def summary(result: dict[str, float]) -> str:
+  """One line of held-out figures: bits/byte for a language model, pairwise accuracy for
+  a reward model."""
+  if "pairwise_accuracy" in result:
+    return (f"pairwise accuracy {result['pairwise_accuracy']:.4f}  Bradley-Terry loss "
+            f"{result['loss']:.4f}  mean score {result['mean_score_preferred']:+.3f} "
+            f"(preferred) / {result['mean_score_other']:+.3f}  texts {result['texts']:,}")
+  return (f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  "
+          f"bits/byte {result['bits_per_byte']:.4f}  "
+          f"(unigram baseline {result['unigram_bits_per_byte']:.4f})  tokens {result['tokens']:,}")

@@ -10,6 +10,10 @@ the new run's shardings, so the parent may have used any mesh.
 The new workdir records its parent in `parent.json` (path, step, a hash of the
 parent's config.json), so a chain of runs is traceable; `info --workdir` prints it.
 A resumed run restores its own checkpoints and ignores `init_from`.
+
+The output head may change between stages (`model.head`): a reward model starts from a
+language model's trunk, its scalar head freshly initialised and the parent's
+vocabulary head left behind. Every other parameter must match in shape.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from dsv2_jax.model.transformer import build_model
 from dsv2_jax.train.checkpoint import Checkpointer, CheckpointError
 
 PARENT_FILE = "parent.json"
+HEAD_PARAMS = ("head", "score_head")  # Top-level parameters of the output heads.
 
 
 class StageError(ValueError):
@@ -43,6 +48,10 @@ def config_hash(workdir: str | pathlib.Path) -> str:
 
 def _path_str(path: tuple[Any, ...]) -> str:
   return "/".join(str(getattr(p, "key", p)) for p in path)
+
+
+def _without(tree: Any, names: tuple[str, ...]) -> Any:
+  return {k: v for k, v in tree.items() if k not in names}
 
 
 def _shape_mismatch(parent: Any, child: Any) -> str | None:
@@ -80,15 +89,19 @@ def check_parent(init_from: str, model_config: ml_collections.ConfigDict) -> Non
   """StageError unless `init_from` is a run whose parameter shapes are this model's
   (abstract shapes only: run before anything is written)."""
   _, config = parent_config(init_from)
-  _check_shapes(init_from, _abstract_params(config.model), _abstract_params(model_config))
+  _check_shapes(init_from, _abstract_params(config.model), _abstract_params(model_config),
+                config.model.head != model_config.head)
 
 
-def _check_shapes(init_from: str, parent: Any, child: Any) -> None:
+def _check_shapes(init_from: str, parent: Any, child: Any, new_head: bool = False) -> None:
+  if new_head:
+    parent, child = _without(parent, HEAD_PARAMS), _without(child, HEAD_PARAMS)
   mismatch = _shape_mismatch(parent, child)
   if mismatch:
     raise StageError(f"train.init_from={init_from}: its parameters do not fit this model "
                      f"({mismatch}); a stage may change data, length, schedule, attention "
-                     "kernel and RoPE settings, not parameter shapes.")
+                     "kernel, RoPE settings and the output head, not the other parameter "
+                     "shapes.")
 
 
 def init_params(init_from: str, abstract_params: Any, param_shardings: Any
@@ -97,8 +110,9 @@ def init_params(init_from: str, abstract_params: Any, param_shardings: Any
 
   Args:
     init_from: the parent workdir.
-    abstract_params: this run's parameter tree (abstract or concrete: only shapes and
-      dtypes are read). Shapes must match the parent's; dtypes become this run's.
+    abstract_params: this run's freshly initialised parameters. Shapes must match the
+      parent's; dtypes become this run's. When the head kind differs from the parent's,
+      this run's head keeps these values (the parent's head is not read).
     param_shardings: the matching NamedSharding tree (this run's mesh).
 
   Returns:
@@ -108,7 +122,15 @@ def init_params(init_from: str, abstract_params: Any, param_shardings: Any
     StageError: the parent is missing, has no checkpoint, or its shapes differ.
   """
   parent, config = parent_config(init_from)
-  _check_shapes(init_from, _abstract_params(config.model), abstract_params)
+  parent_params = _abstract_params(config.model)
+  fresh = {}
+  if set(parent_params) != set(abstract_params):  # Another head kind: keep the new one.
+    _check_shapes(init_from, parent_params, abstract_params, new_head=True)
+    fresh = {k: v for k, v in abstract_params.items() if k in HEAD_PARAMS}
+    abstract_params, param_shardings = (_without(abstract_params, HEAD_PARAMS),
+                                        _without(param_shardings, HEAD_PARAMS))
+  else:
+    _check_shapes(init_from, parent_params, abstract_params)
   checkpointer = Checkpointer(parent / "checkpoints", max_to_keep=1, use_async=False)
   try:
     steps = checkpointer.all_steps()
@@ -131,7 +153,9 @@ def init_params(init_from: str, abstract_params: Any, param_shardings: Any
                     config.train.steps)
   record = {"path": str(parent), "step": int(step), "config_hash": config_hash(parent),
             "dataset": config.data.dataset, "seq_len": config.data.seq_len}
-  return params, record
+  if fresh:
+    record["new_head"] = sorted(fresh)
+  return {**params, **fresh}, record
 
 
 def write_parent(workdir: pathlib.Path, record: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ import optax
 from jax.sharding import Mesh
 
 from dsv2_jax.parallel import microbatch, sharding
+from dsv2_jax.rlhf import reward
 from dsv2_jax.train import moe_stats
 from dsv2_jax.train.state import TrainState
 
@@ -36,9 +37,31 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array
   return jnp.sum(nll * weights), jnp.sum(weights)
 
 
+def loss_sum(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None = None,
+             ) -> tuple[jax.Array, Any]:
+  """The summed objective of `batch` (to divide by sum(batch['weights'])) and the sown
+  intermediates. Language model: token NLL, weighted (SFT: responses only), packed rows
+  with `positions`. Scalar head: the Bradley-Terry loss of each chosen/rejected pair.
+  rng None: deterministic (no dropout)."""
+  kwargs = dict(deterministic=rng is None, rngs={} if rng is None else {"dropout": rng},
+                mutable=["intermediates"])
+  if model.cfg.head == "scalar":
+    b = batch["chosen"].shape[0]
+    rows = jnp.concatenate([batch["chosen"], batch["rejected"]])  # [2B, T]
+    scores, variables = model.apply({"params": params}, rows, **kwargs)  # [2B, T]
+    mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
+    r = reward.scores_at(scores, mask)  # [2B]
+    total = jnp.sum(reward.bradley_terry_loss(r[:b], r[b:]))
+  else:
+    logits, variables = model.apply({"params": params}, batch["inputs"],
+                                    batch.get("positions"), **kwargs)
+    total, _ = cross_entropy(logits, batch["targets"], batch["weights"])
+  return total, variables.get("intermediates", {})
+
+
 def batch_grads(params: Any, batch: Batch, rng: jax.Array, *, model: nn.Module,
                 accum_steps: int = 1) -> tuple[Any, jax.Array, dict[str, jax.Array], Any]:
-  """Gradients of the mean token loss of `batch` (inputs/targets/weights).
+  """Gradients of the mean loss of `batch` (`loss_sum` / its summed weights).
 
   An MoE model adds its weighted auxiliary losses to the objective; the returned loss
   stays the token cross-entropy, so dense and MoE runs compare directly.
@@ -58,10 +81,7 @@ def batch_grads(params: Any, batch: Batch, rng: jax.Array, *, model: nn.Module,
 
   def grads_of(micro: Batch, micro_rng: jax.Array):
     def loss_fn(params):
-      logits, variables = model.apply({"params": params}, micro["inputs"], deterministic=False,
-                                      rngs={"dropout": micro_rng}, mutable=["intermediates"])
-      nll_sum, _ = cross_entropy(logits, micro["targets"], micro["weights"])
-      intermediates = variables.get("intermediates", {})
+      nll_sum, intermediates = loss_sum(model, params, micro, micro_rng)
       aux, moe_metrics = moe_stats.aux_loss_and_metrics(intermediates, moe)
       loss = nll_sum / jnp.maximum(count, 1.0)
       return loss + aux / accum_steps, (loss, moe_metrics, intermediates)
@@ -147,8 +167,16 @@ def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Mes
 
 def eval_step(params: Any, batch: Batch, *, model: nn.Module,
               token_num_bytes: jax.Array) -> dict[str, jax.Array]:
-  """Sums for held-out metrics: NLL (nats), predicted tokens and their UTF-8 bytes."""
-  logits = model.apply({"params": params}, batch["inputs"], deterministic=True)
+  """Sums for held-out metrics: NLL (nats), predicted tokens and their UTF-8 bytes.
+
+  A scalar-head model returns {'scores': [B]} instead, each row's score at its
+  `score_mask` token (the metrics need every score: `rlhf.reward.pairwise_accuracy`).
+  """
+  if model.cfg.head == "scalar":
+    scores = model.apply({"params": params}, batch["inputs"], deterministic=True)
+    return {"scores": reward.scores_at(scores, batch["score_mask"])}
+  logits = model.apply({"params": params}, batch["inputs"], batch.get("positions"),
+                       deterministic=True)
   nll_sum, count = cross_entropy(logits, batch["targets"], batch["weights"])
   num_bytes = jnp.sum(token_num_bytes[batch["targets"]] * batch["weights"])
   return {"nll_sum": nll_sum, "tokens": count, "bytes": num_bytes}

@@ -44,7 +44,7 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from dsv2_jax import config as config_lib
-from dsv2_jax.data import pipeline, sources
+from dsv2_jax.data import chat, pipeline, sources
 from dsv2_jax.data.tokenizer import Tokenizer, get_tokenizer
 from dsv2_jax.infer.generate import generate
 from dsv2_jax.model import flops
@@ -61,7 +61,8 @@ from dsv2_jax.train.step import jit_train_step
 # Sections whose change would make a resumed run a different experiment.
 _RESUME_MUST_MATCH = ("seed", "model", "data.dataset", "data.seq_len", "data.batch_size",
                       "data.tokenizer", "data.tokenizer_model", "data.text_key", "data.packing",
-                      "data.passkey_fraction", "data.passkey_answer_weight",
+                      "data.passkey_fraction", "data.passkey_answer_weight", "data.format",
+                      "data.prompt_key", "data.response_key", "data.label_key",
                       "data.train_split", "train.init_from")
 
 
@@ -188,14 +189,23 @@ class Run:
       window: (window, stride) of the rolling window; default `sample_window()`.
       context: token ids to feed instead of the encoded prompt (e.g. retrieved passages
         ahead of it); the returned text still starts with `prompt`.
+
+    A chat model (`data.format='chat'`) gets `prompt` as a user turn and answers in an
+    assistant turn; the text returned is the prompt, a newline and the response.
     """
-    ids = self.tokenizer.encode(prompt) if context is None else context
+    is_chat = self.config.data.format == "chat"
+    if context is None:
+      context = (chat.generation_prompt(self.tokenizer, prompt) if is_chat
+                 else self.tokenizer.encode(prompt))
+    ids = context
     window, stride = window or self.sample_window()
     # Host (numpy) inputs: replicated on every process of a multi-process run.
     tokens = generate(self.model, params, np.asarray(ids[None], np.int32),
                       np.asarray(jax.random.PRNGKey(seed)), max_new_tokens=max_new_tokens,
                       temperature=temperature, top_k=top_k, top_p=top_p, window=window,
                       stride=stride, mesh=self.mesh)
+    if is_chat:
+      return prompt + "\n" + chat.response_text(self.tokenizer, np.asarray(tokens[0]))
     return prompt + self.tokenizer.decode(np.asarray(tokens[0]))
 
 
@@ -391,8 +401,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           log(step)
         if train_cfg.eval_every and step % train_cfg.eval_every == 0 and step != train_cfg.steps:
           result = run_eval(step, config.eval.max_batches)
-          bar.write(f"step {step}: eval loss {result['loss']:.4f}  "
-                    f"bits/byte {result['bits_per_byte']:.4f}")
+          bar.write(f"step {step}: eval {evaluate_lib.summary(result)}")
           window_start = time.perf_counter()  # Keep eval time out of tokens/s.
         every = train_cfg.checkpoint_every
         reason = stop.requested(step)
@@ -422,7 +431,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   writer.close()
   if lead:
     (workdir / "eval.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-  if s.max_new_tokens > 0:  # Every process takes part in generation; process 0 writes.
+  if s.max_new_tokens > 0 and config.model.head == "lm":  # Every process generates.
     text = run.sample(state.params, s.prompt, s.max_new_tokens, s.temperature, s.top_k,
                       config.seed, s.top_p)
     if lead:

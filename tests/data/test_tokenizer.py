@@ -20,8 +20,21 @@ def test_byte_tokenizer_round_trips_utf8():
 def test_byte_tokenizer_counts_one_byte_per_byte_and_none_for_specials():
   tok = ByteTokenizer()
   assert tok.vocab_size == 258
-  assert tok.token_num_bytes[:256].tolist() == [1] * 256
+  chat = sorted(tok.chat_ids.values())
+  assert [i for i in range(256) if tok.token_num_bytes[i] != 1] == chat
   assert tok.token_num_bytes[tok.eos_id] == 0 and tok.token_num_bytes[tok.pad_id] == 0
+
+
+def test_byte_tokenizer_chat_ids_are_never_utf8_and_decode_to_nothing():
+  tok = ByteTokenizer()
+  ids = set(tok.chat_ids.values())
+  assert len(ids) == 3
+  for i in ids:  # Not a valid UTF-8 byte in any position.
+    with pytest.raises(UnicodeDecodeError):
+      bytes([i]).decode("utf-8")
+  everything = "".join(chr(c) for c in range(0x20, 0x3000))
+  assert not ids & set(tok.encode(everything).tolist())
+  assert tok.decode([*tok.encode("ab"), tok.chat_ids["end_of_turn"], *tok.encode("c")]) == "abc"
 
 
 def test_sentencepiece_model_trained_locally(tmp_path, data_dir):
@@ -32,8 +45,13 @@ def test_sentencepiece_model_trained_locally(tmp_path, data_dir):
   corpus.write_text("\n".join(src[i]["text"].decode() for i in range(len(src))))
   prefix = tmp_path / "sp"
   spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(prefix), vocab_size=300,
-                                 eos_id=1, unk_id=2, bos_id=-1, pad_id=0)
+                                 eos_id=1, unk_id=2, bos_id=-1, pad_id=0,
+                                 user_defined_symbols=["<|user|>", "<|assistant|>",
+                                                       "<|end_of_turn|>"])
   tok = get_tokenizer("sentencepiece", str(prefix) + ".model")
+  chat = tok.chat_ids
+  assert len(set(chat.values())) == 3 and all(tok.token_num_bytes[i] == 0 for i in chat.values())
+  assert tok.decode([chat["user"], *tok.encode("Hi"), chat["end_of_turn"]]) == "Hi"
   text = "The government said on Tuesday"
   ids = tok.encode(text)
   assert tok.decode(ids) == text

@@ -3,7 +3,8 @@
 Checked: the child starts from exactly the parent's parameters (across a mesh change,
 in a process with 4 simulated devices), with a fresh optimizer; the workdir records
 its parent and `info` shows the chain; shape mismatches and missing parents are one
-line; a resumed child ignores init_from.
+line; a resumed child ignores init_from. A reward model (scalar head) from a language
+model takes the trunk bit-equal and keeps its freshly initialised score head.
 """
 
 from __future__ import annotations
@@ -100,3 +101,65 @@ def test_init_from_across_meshes(tmp_path):
                         capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"devices": 4, "equal": True}
+
+
+def reward_config(data_dir, parent_dir, **model):
+  """A reward model (scalar head) on review pairs, from the tiny LM `parent_dir`."""
+  c = tiny_config(data_dir)
+  c.sample.max_new_tokens = 0
+  c.model.update(head="scalar", **model)
+  c.data.update(dataset="rotten_tomatoes", format="preference", packing="none")
+  c.train.update(init_from=str(parent_dir), steps=2, checkpoint_every=0, learning_rate=1e-9,
+                 weight_decay=0.0)
+  return c
+
+
+def _trunk(params):
+  return {k: v for k, v in params.items() if k not in stages.HEAD_PARAMS}
+
+
+def test_scalar_child_restores_the_trunk_bit_equal_and_keeps_its_fresh_head(tmp_path, data_dir,
+                                                                            parent):
+  run = trainer.Run(reward_config(data_dir, parent), tmp_path / "reward")
+  state, shardings, _ = run.initial_state()  # Fresh: what training starts from.
+  fresh = jax.device_get(state.params)
+  params, record = stages.init_params(str(parent), state.params, shardings.params)
+  params, before = jax.device_get(params), _state(parent).params
+  assert "head" in before and "head" not in params and record["new_head"] == ["score_head"]
+  assert set(params) == set(fresh)
+  trunk, parent_trunk = _trunk(params), _trunk(before)
+  assert jax.tree.structure(trunk) == jax.tree.structure(parent_trunk)
+  for x, y in zip(jax.tree.leaves(trunk), jax.tree.leaves(parent_trunk)):
+    np.testing.assert_array_equal(x, y)
+  # The trunk really moved away from a fresh init (the comparison can fail).
+  assert any(not np.array_equal(x, y) for x, y in
+             zip(jax.tree.leaves(trunk), jax.tree.leaves(_trunk(fresh))))
+  np.testing.assert_array_equal(params["score_head"]["w"], fresh["score_head"]["w"])
+
+
+def test_reward_model_trains_from_a_language_model(tmp_path, data_dir, parent):
+  """End to end: check_parent, pairs, the Bradley-Terry step, held-out accuracy, parent.json."""
+  child = tmp_path / "reward"
+  trainer.train_and_evaluate(reward_config(data_dir, parent), child)
+  after = _state(child)
+  assert int(after.step) == 2
+  before = _trunk(_state(parent).params)
+  for x, y in zip(jax.tree.leaves(_trunk(after.params)), jax.tree.leaves(before)):
+    np.testing.assert_allclose(x, y, atol=1e-6)
+  record = json.loads((child / stages.PARENT_FILE).read_text())
+  assert record["new_head"] == ["score_head"] and record["step"] == 6
+  result = json.loads((child / "eval.json").read_text())
+  assert 0.0 <= result["pairwise_accuracy"] <= 1.0 and np.isfinite(result["loss"])
+
+
+def test_scalar_child_of_another_width_names_the_parameter(tmp_path, data_dir, parent):
+  c = reward_config(data_dir, parent, d_model=64)
+  with pytest.raises(stages.StageError, match=r"embedder/embedding is \[258, 32\] in the "
+                     r"parent and \[258, 64\] here"):
+    trainer.train_and_evaluate(c, tmp_path / "wide")
+  assert not list((tmp_path / "wide").glob("checkpoints/*"))
+  # init_params itself (past check_parent) refuses too, before reading any checkpoint.
+  run = trainer.Run(c, tmp_path / "wide2")
+  state, shardings, _ = run.initial_state()
+  with pytest.raises(stages.StageError, match=r"embedder/embedding is \[258, 32\]"):
+    stages.init_params(str(parent), state.params, shardings.params)
