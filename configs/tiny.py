@@ -79,6 +79,12 @@ STAGES = {
                 dataset="chatterbot+bible_quotes"),
     "reward": dict(steps=300, seq_len=256, batch_size=16, rope="none", packing="none",
                    dataset="rotten_tomatoes"),
+    # PPO / DPO (--init_from POLICY --reward_from REWARD_MODEL): one step = one batch of
+    # 32 prompts of 16 tokens (Rotten Tomatoes openings), responses of 32 tokens.
+    "ppo": dict(steps=100, seq_len=128, batch_size=32, rope="none", packing="concat",
+                dataset="rotten_tomatoes"),
+    "dpo": dict(steps=100, seq_len=128, batch_size=32, rope="none", packing="concat",
+                dataset="rotten_tomatoes"),
 }
 
 
@@ -167,6 +173,12 @@ def get_config(arg: str | None = None):
     c.model.head = "scalar" if args.stage == "reward" else "lm"
     c.eval.update(batch_size=32, max_batches=0)
     c.sample.update(prompt="Repeat exactly: \"The earth was formless and empty.\"")
+  if args.stage in ("ppo", "dpo"):
+    # The policy's model section is taken from --init_from; data only names the prompts.
+    c.data.update(format="text")
+    c.rlhf.update(algorithm=args.stage, batch_size=args.batch_size)
+    c.train.update(learning_rate=1e-4, warmup_steps=0, log_every=1, eval_every=10,
+                   checkpoint_every=10)
   if args.stage == "2":
     # Adaptation, not pretraining: a 3x lower peak after a short warmup (the PI paper
     # fine-tunes at ~1/10 of the pretraining rate), and evals of 64k tokens.

@@ -50,6 +50,9 @@ COMMANDS = ("train", "eval", "generate", "index", "info", "plan")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/*.py), optionally with ':args'.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, eval).")
+_REWARD_FROM = flags.DEFINE_string(
+    "reward_from", None, "train (rlhf.algorithm ppo|dpo): the reward model's workdir "
+    "(sets rlhf.reward_from).")
 _INIT_FROM = flags.DEFINE_string(
     "init_from", None, "train: start from this run's final parameters (train.init_from).")
 _STOP_AFTER = flags.DEFINE_integer("stop_after", None,
@@ -113,6 +116,8 @@ def _train() -> None:
     _CONFIG.value.mesh.update(sharding.parse_mesh(_MESH.value))
   if _INIT_FROM.value is not None:
     _CONFIG.value.train.init_from = _INIT_FROM.value
+  if _REWARD_FROM.value is not None:
+    _CONFIG.value.rlhf.reward_from = _REWARD_FROM.value
   result = trainer.train_and_evaluate(_CONFIG.value, workdir, stop_after=_STOP_AFTER.value)
   if jax.process_index() != 0:
     return  # Process 0 reports for all.

@@ -201,6 +201,36 @@ def default_config() -> ml_collections.ConfigDict:
   r.top_k = 3  # Passages put ahead of the query, most relevant first.
   r.query_tokens = 64  # eval --rag: the last tokens before each scored span form the query.
 
+  # Preference optimisation of a language model (stage 3, docs/rlhf.md): `train` runs
+  # PPO or DPO instead of supervised training when `rlhf.algorithm` is set. The policy
+  # starts from train.init_from (an SFT or stage-1 run; also the frozen reference), the
+  # reward is the scalar-head run at rlhf.reward_from. One step = one rollout batch.
+  h = c.rlhf = ml_collections.ConfigDict()
+  h.algorithm = "none"  # One of RLHF_ALGORITHMS: none | ppo | dpo.
+  h.reward_from = ""  # Workdir of a reward model (model.head='scalar') run.
+  h.prompt_dataset = "rotten_tomatoes"  # Prompts: openings of this dataset's texts.
+  h.prompt_key = "text"
+  h.prompt_tokens = 16  # Each prompt is the first prompt_tokens tokens of a text.
+  h.response_tokens = 32  # Tokens sampled per response (it ends early at end-of-document).
+  h.batch_size = 32  # Prompts per rollout (PPO) or preference pairs per step (DPO).
+  h.temperature = 1.0  # Rollout sampling (temperature / top_k / top_p as in `sample`).
+  h.top_k = 0
+  h.top_p = 1.0
+  h.value = "separate"  # PPO value function: separate (a copy of the reward model's
+  #                       trunk, as InstructGPT) or shared (a head on the policy trunk).
+  h.epochs = 4  # PPO epochs over each rollout batch.
+  h.minibatches = 4  # Minibatches per epoch.
+  h.gamma = 1.0  # GAE discount.
+  h.lam = 0.95  # GAE lambda.
+  h.clip_ratio = 0.2  # PPO policy ratio clip.
+  h.clip_value = 0.2  # PPO value clip.
+  h.value_coef = 0.1  # Weight of the value loss.
+  h.kl_coef = 0.1  # Initial per-token KL penalty beta.
+  h.kl_target = 6.0  # Adaptive controller's target KL per response (nats); 0 = fixed beta.
+  h.kl_horizon = 10_000  # Controller horizon (responses).
+  h.dpo_beta = 0.1  # DPO's KL strength.
+  h.eval_prompts = 128  # Held-out prompts (eval split openings) per evaluation.
+
   # Mesh axis sizes; -1 takes the remaining devices. Model code never names these.
   c.mesh = ml_collections.ConfigDict(
       dict(data=-1, fsdp=1, tensor=1, expert=1, stage=1))
@@ -363,6 +393,34 @@ def _validate_sample(s: ml_collections.ConfigDict) -> None:
            "(or set sample.max_new_tokens=0 to skip the sample).")
 
 
+RLHF_ALGORITHMS = ("none", "ppo", "dpo")
+RLHF_VALUES = ("separate", "shared")
+
+
+def _validate_rlhf(config: ml_collections.ConfigDict) -> None:
+  h = config.rlhf
+  _check_choice(h.algorithm, "rlhf.algorithm", RLHF_ALGORITHMS)
+  if h.algorithm == "none":
+    return
+  _check(bool(config.train.init_from), f"rlhf.algorithm={h.algorithm!r} starts the policy "
+         "from a trained language model: set --init_from (train.init_from) to an SFT or "
+         "stage-1 workdir.")
+  _check(bool(h.reward_from), f"rlhf.algorithm={h.algorithm!r} needs a reward model: set "
+         "rlhf.reward_from to the workdir of a model.head='scalar' run.")
+  _check_choice(h.value, "rlhf.value", RLHF_VALUES)
+  _check_positive(config, "rlhf.prompt_tokens", "rlhf.response_tokens", "rlhf.batch_size",
+                  "rlhf.epochs", "rlhf.minibatches", "rlhf.eval_prompts")
+  _check(h.batch_size % h.minibatches == 0, f"rlhf.minibatches={h.minibatches} must divide "
+         f"rlhf.batch_size={h.batch_size}.")
+  _check(h.temperature > 0, f"rlhf.temperature={h.temperature} must be > 0: rollouts sample.")
+  _check(0.0 < h.top_p <= 1.0 and h.top_k >= 0, "rlhf.top_p must be in (0, 1], top_k >= 0.")
+  for field in ("gamma", "lam"):
+    _check(0.0 <= h[field] <= 1.0, f"rlhf.{field}={h[field]} must be in [0, 1].")
+  for field in ("clip_ratio", "clip_value", "value_coef", "kl_coef", "dpo_beta", "kl_horizon"):
+    _check(h[field] > 0, f"rlhf.{field}={h[field]} must be > 0.")
+  _check(h.kl_target >= 0, f"rlhf.kl_target={h.kl_target} must be >= 0 (0 = fixed beta).")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks the whole config once; raises ConfigError naming the field and the fix."""
   m, d, t = config.model, config.data, config.train
@@ -446,6 +504,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(isinstance(t.init_from, str), f"train.init_from={t.init_from!r} must be a workdir "
          "path (or '' to start from a fresh init).")
   _check_positive(config, "rag.passage_tokens", "rag.top_k", "rag.query_tokens")
+  _validate_rlhf(config)
   _check(config.eval.max_batches >= 0, "eval.max_batches must be >= 0 (0 = whole split).")
   for axis, size in config.mesh.items():
     _check(isinstance(size, int) and (size >= 1 or size == -1),

@@ -26,8 +26,9 @@ from dsv2_jax.parallel import pipeline
 # table to the embeddings here; 'none' uses neither.
 POSITIONS = ("rope", "learned", "none")
 # `model.head`: 'lm' gives next-token logits [B, T, V]; 'scalar' gives one score per
-# position [B, T] (f32), a reward model's output read at the last token of a text.
-HEADS = ("lm", "scalar")
+# position [B, T] (f32), a reward model's output read at the last token of a text;
+# 'lm_value' gives both (a PPO policy sharing its trunk with the value function).
+HEADS = ("lm", "scalar", "lm_value")
 
 
 class DecoderBlock(nn.Module):
@@ -107,7 +108,7 @@ class Transformer(nn.Module):
       decode: generation mode; the tokens continue what the 'cache' collection holds.
 
     Returns:
-      logits [B, T, V], or scores [B, T] (f32) with the scalar head.
+      logits [B, T, V]; scores [B, T] (f32) with the scalar head; both with 'lm_value'.
     """
     cfg = self.cfg
     dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
@@ -158,17 +159,20 @@ class Transformer(nn.Module):
               x, positions)
 
     x = Norm(cfg.norm, cfg.norm_eps, dtype, param_dtype, name="final_norm")(x)
-    if cfg.head == "scalar":  # A reward model: one score per position.
+    if cfg.head in ("scalar", "lm_value"):  # A reward or value model: a score per position.
       score = Einsum((cfg.d_model,), ("embed",), (0,), dtype, param_dtype,
                      name="score_head")("XD,D->X", x)
-      return score.astype(jnp.float32).reshape(b, t)  # [B, T]
+      score = score.astype(jnp.float32).reshape(b, t)  # [B, T]
+      if cfg.head == "scalar":
+        return score
     if cfg.tie_embeddings:
       logits = embedder.decode(x)
     else:
       logits = Einsum((cfg.d_model, cfg.vocab_size), ("embed", "vocab"), (0,), dtype,
                       param_dtype, name="head")("XD,DV->XV", x)
     logits = nn.with_logical_constraint(logits, ("tokens", "act_vocab"))
-    return logits.reshape(b, t, cfg.vocab_size)  # [B, T, V]
+    logits = logits.reshape(b, t, cfg.vocab_size)  # [B, T, V]
+    return (logits, score) if cfg.head == "lm_value" else logits
 
 
   def _pipelined(self, name: str, unit: type, repeats: int, x: jax.Array,

@@ -51,3 +51,22 @@ def pair_loss(scores: np.ndarray, labels: np.ndarray) -> float:
   scores, labels = np.asarray(scores, np.float64), np.asarray(labels)
   diff = scores[labels == 1][:, None] - scores[labels == 0][None, :]
   return float(np.mean(np.logaddexp(0.0, -diff)))
+
+
+def best_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+  """(t, accuracy): the cut t maximising the accuracy of 'score > t means label 1', t a
+  midpoint between consecutive distinct scores (or below / above all of them). The
+  scores' offset is arbitrary under Bradley-Terry; t is the reward model's operating
+  point, so PPO's "scores positive" means score > t."""
+  scores, labels = np.asarray(scores, np.float64), np.asarray(labels)
+  values = np.unique(scores)
+  cuts = np.concatenate([[values[0] - 1.0], (values[1:] + values[:-1]) / 2, [values[-1] + 1.0]])
+  order = np.argsort(scores)
+  s, y = scores[order], labels[order] == 1
+  # Texts at or below each cut are called 0: correct ones are zeros below + ones above.
+  below = np.searchsorted(s, cuts, side="right")
+  zeros_below = np.concatenate([[0], np.cumsum(~y)])[below]
+  ones_above = int(np.sum(y)) - np.concatenate([[0], np.cumsum(y)])[below]
+  correct = zeros_below + ones_above
+  best = int(np.argmax(correct))
+  return float(cuts[best]), float(correct[best] / len(scores))

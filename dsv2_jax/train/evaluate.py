@@ -89,7 +89,10 @@ def evaluate_preference(eval_fn, params: Any, config: ml_collections.ConfigDict,
   if not scores:
     raise ValueError(f"eval split {config.data.eval_split!r} produced no batches.")
   scores, labels = np.concatenate(scores), np.concatenate(labels)
+  threshold, accuracy = reward.best_threshold(scores, labels)
   return {
+      "threshold": threshold,
+      "accuracy": accuracy,
       "pairwise_accuracy": reward.pairwise_accuracy(scores, labels),
       "loss": reward.pair_loss(scores, labels),
       "mean_score_preferred": float(np.mean(scores[labels == 1])),
@@ -101,6 +104,11 @@ def evaluate_preference(eval_fn, params: Any, config: ml_collections.ConfigDict,
 def summary(result: dict[str, float]) -> str:
   """One line of held-out figures: bits/byte for a language model, pairwise accuracy for
   a reward model."""
+  if "positive_share" in result:
+    return (f"reward {result['reward']:+.3f}  scored positive {result['positive_share']:.1%}  "
+            f"KL to reference {result['kl_per_response']:.2f} nats/response  reference "
+            f"bits/byte {result['reference_bits_per_byte']:.3f}  response tokens "
+            f"{result['response_tokens']:.1f}")
   if "pairwise_accuracy" in result:
     return (f"pairwise accuracy {result['pairwise_accuracy']:.4f}  Bradley-Terry loss "
             f"{result['loss']:.4f}  mean score {result['mean_score_preferred']:+.3f} "

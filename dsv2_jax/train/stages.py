@@ -94,8 +94,9 @@ def check_parent(init_from: str, model_config: ml_collections.ConfigDict) -> Non
 
 
 def _check_shapes(init_from: str, parent: Any, child: Any, new_head: bool = False) -> None:
-  if new_head:
-    parent, child = _without(parent, HEAD_PARAMS), _without(child, HEAD_PARAMS)
+  if new_head:  # A head present on one side only is dropped or freshly initialised.
+    one_sided = tuple(k for k in HEAD_PARAMS if (k in parent) != (k in child))
+    parent, child = _without(parent, one_sided), _without(child, one_sided)
   mismatch = _shape_mismatch(parent, child)
   if mismatch:
     raise StageError(f"train.init_from={init_from}: its parameters do not fit this model "
@@ -126,9 +127,10 @@ def init_params(init_from: str, abstract_params: Any, param_shardings: Any
   fresh = {}
   if set(parent_params) != set(abstract_params):  # Another head kind: keep the new one.
     _check_shapes(init_from, parent_params, abstract_params, new_head=True)
-    fresh = {k: v for k, v in abstract_params.items() if k in HEAD_PARAMS}
-    abstract_params, param_shardings = (_without(abstract_params, HEAD_PARAMS),
-                                        _without(param_shardings, HEAD_PARAMS))
+    new = tuple(k for k in HEAD_PARAMS if k in abstract_params and k not in parent_params)
+    fresh = {k: abstract_params[k] for k in new}
+    abstract_params, param_shardings = (_without(abstract_params, new),
+                                        _without(param_shardings, new))
   else:
     _check_shapes(init_from, parent_params, abstract_params)
   checkpointer = Checkpointer(parent / "checkpoints", max_to_keep=1, use_async=False)

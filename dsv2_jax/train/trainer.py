@@ -280,6 +280,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     TrainingDiverged: `train.max_skipped_steps` consecutive non-finite steps.
     CheckpointError: no checkpoint restores, or one cannot be written.
   """
+  if config.rlhf.algorithm != "none":  # Stage 3 preference optimisation: its own loop.
+    from dsv2_jax.rlhf import trainer as rlhf_trainer  # pylint: disable=g-import-not-at-top
+    result = rlhf_trainer.train_rlhf(config, workdir, stop_after)
+    return Stopped(result["stopped_at"], "stop_after") if "stopped_at" in result else result
+
   # 1) Validate and pin the config to the workdir.
   config_lib.validate(config)
   if config.train.init_from and not (pathlib.Path(workdir).expanduser() / "checkpoints").is_dir():
