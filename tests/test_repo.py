@@ -46,6 +46,9 @@ def test_readme_commands_name_configs_and_modules_that_exist():
     if "--config" in words and "DIR" not in line:
       spec = words[words.index("--config") + 1]
       overrides = [w for w in words if w.startswith("--config.")]
+      for flag, field in (("--init_from", "train.init_from"), ("--reward_from", "rlhf.reward_from")):
+        if flag in words:  # The CLI sets these fields from its flags.
+          overrides.append(f"--config.{field}={words[words.index(flag) + 1]}")
       common.load_config(spec, overrides)
       checked += 1
     for module in re.findall(r"python -m (experiments\.\w+)", line):
