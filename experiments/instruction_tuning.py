@@ -65,8 +65,11 @@ def held_out_examples(dataset: str, data_dir: str, max_examples: int
 def score_examples(run: trainer.Run, params: Any, examples: list[dict[str, str]],
                    batch_size: int = 32) -> list[dict[str, float]]:
   """Per example: response NLL (nats), response bytes, exact match (teacher-forced argmax)."""
-  tokenizer, t = run.tokenizer, run.config.data.seq_len
-  model = run.model
+  tokenizer, model = run.tokenizer, run.model
+  rendered = [chat.render_example(tokenizer, ex["prompt"], ex["response"]) for ex in examples]
+  t = -(-max(len(tokens) for tokens, _ in rendered) // 64) * 64  # One shape for all rows.
+  if t > run.config.model.max_seq_len:
+    raise ValueError(f"a held-out example is {t} tokens, longer than the model takes.")
 
   @jax.jit
   def forward(p, inputs, targets, weights):
@@ -81,11 +84,7 @@ def score_examples(run: trainer.Run, params: Any, examples: list[dict[str, str]]
     rows = np.full((batch_size, t + 1), tokenizer.pad_id, np.int32)
     weights = np.zeros((batch_size, t + 1), np.float32)
     nbytes = []
-    for i, ex in enumerate(chunk):
-      tokens, w = chat.render_example(tokenizer, ex["prompt"], ex["response"])
-      if len(tokens) > t + 1:
-        raise ValueError(f"a held-out example is {len(tokens)} tokens, longer than the "
-                         f"row ({t + 1}): raise data.seq_len.")
+    for i, (tokens, w) in enumerate(rendered[start:start + batch_size]):
       rows[i, :len(tokens)], weights[i, :len(w)] = tokens, w
       nbytes.append(int(np.sum(tokenizer.token_num_bytes[tokens] * w)))
     nll, hit = jax.device_get(forward(params, rows[:, :-1], rows[:, 1:], weights[:, 1:]))

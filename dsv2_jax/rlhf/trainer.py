@@ -154,16 +154,21 @@ class RLHF:
     self.policy_shardings = self._shardings(self.policy_model, length)
     self.reward_shardings = self._shardings(self.reward_model, length)
     reference, _ = stages.init_params(config.train.init_from,
-                                      self._fresh(self.lm_model, length, 0),
+                                      self._abstract(self.lm_model, length),
                                       self._shardings(self.lm_model, length))
     reward, self.reward_record = stages.init_params(
-        h.reward_from, self._fresh(self.reward_model, length, 0), self.reward_shardings)
+        h.reward_from, self._abstract(self.reward_model, length), self.reward_shardings)
     self.frozen = {"reference": reference, "reward": reward}  # Never updated.
 
   def _shardings(self, model: nn.Module, length: int) -> Any:
     boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                               jnp.zeros((1, length), jnp.int32))["params"])
     return sharding.logical_shardings(boxed, self.mesh)
+
+  def _abstract(self, model: nn.Module, length: int) -> Any:
+    """Shapes and dtypes of `model`'s parameters (what a restore needs; nothing computed)."""
+    return nn.meta.unbox(jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, length), jnp.int32))["params"]))
 
   def _fresh(self, model: nn.Module, length: int, seed: int) -> Any:
     shardings = self._shardings(model, length)
@@ -174,20 +179,26 @@ class RLHF:
   def initial_state(self) -> tuple[RLState, dict[str, Any]]:
     """A fresh state: policy (and value) from their parents, optimizer from scratch."""
     length = self.h.prompt_tokens + self.h.response_tokens + 1
-    policy, record = stages.init_params(self.config.train.init_from,
-                                        self._fresh(self.policy_model, length,
-                                                    self.config.seed),
-                                        self.policy_shardings)
+    shared = self.config.model.head == "lm_value"  # Its new score head needs a real init.
+    policy, record = stages.init_params(
+        self.config.train.init_from,
+        self._fresh(self.policy_model, length, self.config.seed) if shared
+        else self._abstract(self.policy_model, length), self.policy_shardings)
     value = {}
     if self.separate_value:
-      value, _ = stages.init_params(self.h.reward_from,
-                                    self._fresh(self.reward_model, length, 0),
+      value, _ = stages.init_params(self.h.reward_from, self._abstract(self.reward_model, length),
                                     self.reward_shardings)
     params = {"policy": policy, "value": value}
     state = RLState(step=jnp.zeros((), jnp.int32), policy=policy, value=value,
                     opt_state=jax.jit(self.tx.init)(params),
                     kl_coef=jnp.asarray(self.h.kl_coef, jnp.float32),
                     rng=jax.random.PRNGKey(self.config.seed))
+    # Scalars and optimizer counts replicated on the mesh, as a step returns them: the
+    # steps then compile once per run.
+    replicated = sharding.replicated(self.mesh)
+    state = jax.tree.map(lambda x: x if isinstance(getattr(x, "sharding", None),
+                                                   jax.sharding.NamedSharding)
+                         else jax.device_put(x, replicated), state)
     return state, record
 
   # --- pieces shared by PPO, DPO and evaluation ---------------------------------------
@@ -383,10 +394,11 @@ def train_rlhf(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     The final held-out figures (also in eval.json), or {'stopped_at': step} when
     `stop_after` ends the run early (with a checkpoint).
   """
+  from dsv2_jax.train import trainer  # pylint: disable=g-import-not-at-top  (imports us)
   config_lib.validate(config)
   workdir = pathlib.Path(workdir).expanduser().resolve()
-  workdir.mkdir(parents=True, exist_ok=True)
-  run = RLHF(config, workdir)  # Fills config.model from the policy run.
+  run = RLHF(config, workdir)  # Checks the runs, fills config.model from the policy run.
+  trainer.prepare_workdir(workdir)  # Only once the runs fit: bad input writes nothing.
   checkpointer = Checkpointer(workdir / "checkpoints", config.train.max_checkpoints,
                               config.train.async_checkpointing)
   if checkpointer.latest_step() is not None:
