@@ -132,6 +132,10 @@ def default_config() -> ml_collections.ConfigDict:
   d.prompt_key = "prompt"  # format=chat: the user turn's feature.
   d.response_key = "response"  # format=chat: the assistant turn's feature.
   d.label_key = "label"  # format=preference: 1 = preferred (e.g. fresh review), 0 = not.
+  # format=preference: how a text's reward is read from the per-token scores of the
+  # scalar head: 'last' at the <eos> closing it (InstructGPT), 'mean' their mean over the
+  # text and its <eos> (every token's score gets gradient directly).
+  d.score_pooling = "last"
   d.train_split = "train"
   d.eval_split = "validation"
   d.seq_len = 2048  # Tokens per training row T.
@@ -459,6 +463,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(m.attention == "dense", f"data.packing='first_fit' keeps examples apart with a "
            f"dense attention mask; model.attention={m.attention!r} has none: use "
            "data.packing='none' (one example per row).")
+  _check_choice(d.score_pooling, "data.score_pooling", pipeline.SCORE_POOLINGS)
   _check_choice(m.head, "model.head", HEADS)
   _check((m.head == "scalar") == (d.format == "preference"),
          f"model.head={m.head!r} goes with data.format="

@@ -34,7 +34,9 @@ is cut to the row.
 `data.format='preference'` (a reward model) draws pairs: every label-1 text with a
 label-0 text picked at random (seeded), each as `text <eos>` cut to T tokens:
   chosen, rejected            int32 [B, T]
-  chosen_mask, rejected_mask  float32 [B, T]  1 at the <eos> that is scored
+  chosen_mask, rejected_mask  float32 [B, T]  the text's reward = sum(scores * mask): 1 at
+                              its <eos> (data.score_pooling='last') or 1/n on each of its
+                              n tokens ('mean')
   weights                     float32 [B, T]  = chosen_mask (one per pair)
 and evaluation scores every held-out text once (`preference_eval_batches`).
 """
@@ -73,6 +75,7 @@ FORMATS = ("text", "chat", "preference")  # `data.format`.
 PACKINGS = {"text": ("concat", "document"),  # `data.packing`, per format.
             "chat": ("first_fit", "none"),
             "preference": ("none",)}
+SCORE_POOLINGS = ("last", "mean")  # `data.score_pooling`.
 FIRST_FIT_BINS = 16  # Rows filled at once by first-fit packing (more: less padding).
 SHUFFLE_WINDOW = 256  # Rows shuffled together by packing='document'.
 
@@ -159,12 +162,17 @@ def _chat_rows(ds: grain.IterDataset, data: ml_collections.ConfigDict, pad_id: i
   return ds.map(pad)
 
 
-def _scored_text(tokenizer: Tokenizer, text: Any, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-  """`text <eos>` cut to seq_len and padded: (tokens int32 [T], one-hot float32 [T] at <eos>)."""
+def _scored_text(tokenizer: Tokenizer, text: Any, seq_len: int, pooling: str = "last"
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """`text <eos>` cut to seq_len and padded: (tokens int32 [T], score mask float32 [T]:
+  one-hot at <eos>, or 1/n on its n tokens with pooling 'mean')."""
   text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
   ids = np.append(tokenizer.encode(text)[:seq_len - 1], tokenizer.eos_id).astype(np.int32)
   mask = np.zeros(seq_len, np.float32)
-  mask[len(ids) - 1] = 1.0
+  if pooling == "mean":
+    mask[:len(ids)] = 1.0 / len(ids)
+  else:
+    mask[len(ids) - 1] = 1.0
   return np.pad(ids, (0, seq_len - len(ids)), constant_values=tokenizer.pad_id), mask
 
 
@@ -184,7 +192,7 @@ class _PreferencePair(grain.transforms.RandomMap):
     out = {}
     for name, i in (("chosen", int(index)), ("rejected", other)):
       tokens, mask = _scored_text(self.tokenizer, self.source[i][self.data.text_key],
-                                  self.data.seq_len)
+                                  self.data.seq_len, self.data.score_pooling)
       out[name], out[f"{name}_mask"] = tokens, mask
     out["weights"] = out["chosen_mask"]
     return out
@@ -218,7 +226,8 @@ def preference_eval_batches(data: ml_collections.ConfigDict, tokenizer: Tokenize
     if max_batches and b >= max_batches:
       return
     rows = [source[i] for i in range(start, min(start + batch_size, len(source)))]
-    scored = [_scored_text(tokenizer, r[data.text_key], data.seq_len) for r in rows]
+    scored = [_scored_text(tokenizer, r[data.text_key], data.seq_len, data.score_pooling)
+              for r in rows]
     pad = batch_size - len(rows)
     yield {"inputs": np.stack([s[0] for s in scored] + [scored[0][0]] * pad),
            "score_mask": np.stack([s[1] for s in scored] + [scored[0][1]] * pad),

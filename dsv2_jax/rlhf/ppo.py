@@ -44,6 +44,12 @@ def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def masked_mean_rows(x: jax.Array, mask: jax.Array) -> jax.Array:
+  """[B] mean of each row of x [B, T] over its masked entries."""
+  mask = mask.astype(x.dtype)
+  return jnp.sum(x * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+
+
 def whiten(x: jax.Array, mask: jax.Array, eps: float = 1e-8) -> jax.Array:
   """(x - mean) / std over the masked entries (population std), 0 elsewhere."""
   mean = masked_mean(x, mask)

@@ -146,6 +146,7 @@ class RLHF:
     lm_cfg.head = "lm"
     self.lm_model = build_model(lm_cfg)  # Generation and the reference (ignores score_head).
     self.reward_model = build_model(rm_cfg.model)
+    self.score_pooling = rm_cfg.data.score_pooling
     self.separate_value = h.algorithm == "ppo" and not shared
     self.tx = build_optimizer(config.train)
     self.kl = ppo.KLController(h.kl_target, h.kl_horizon)
@@ -230,8 +231,11 @@ class RLHF:
     n = jnp.sum(mask, axis=-1).astype(jnp.int32)  # Tokens up to and including an eos.
     ended = jnp.any(responses == eos, axis=-1)
     seq = jnp.concatenate([prompts, responses, jnp.full_like(responses[:, :1], eos)], axis=1)
-    at = prompts.shape[1] + jnp.where(ended, n - 1, responses.shape[1])  # [B]
+    at = prompts.shape[1] + jnp.where(ended, n - 1, responses.shape[1])  # [B] the <eos>
     scores = self.reward_model.apply({"params": reward}, seq)  # [B, P + R + 1]
+    if self.score_pooling == "mean":  # As the reward model was trained: over the text.
+      text = jnp.arange(seq.shape[1])[None, :] <= at[:, None]  # [B, P + R + 1]
+      return ppo.masked_mean_rows(scores, text) - self.threshold
     return jnp.take_along_axis(scores, at[:, None], axis=1)[:, 0] - self.threshold
 
   def evaluate(self, params: Any, prompts: np.ndarray, key: jax.Array) -> dict[str, Any]:

@@ -63,6 +63,7 @@ _RESUME_MUST_MATCH = ("seed", "model", "data.dataset", "data.seq_len", "data.bat
                       "data.tokenizer", "data.tokenizer_model", "data.text_key", "data.packing",
                       "data.passkey_fraction", "data.passkey_answer_weight", "data.format",
                       "data.prompt_key", "data.response_key", "data.label_key",
+                      "data.score_pooling",
                       "data.train_split", "train.init_from")
 
 

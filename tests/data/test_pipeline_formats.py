@@ -282,3 +282,17 @@ def test_preference_eval_scores_every_text_once(data_dir, reviews):
   np.testing.assert_array_equal(valid, np.arange(len(valid)) < len(texts))  # Tail padded.
   assert len(valid) > len(texts)  # 1,292 texts: the tail batch is padded (the check can fail).
   assert len(list(pipeline.preference_eval_batches(c.data, TOK, 100, max_batches=3))) == 3
+
+
+def test_mean_score_pooling_spreads_the_mask_over_the_text_and_its_eos(data_dir):
+  c = preference_config(data_dir)
+  last = next(iter(pipeline.train_dataset(c.data, TOK, seed=0)))
+  c.data.score_pooling = "mean"
+  mean = next(iter(pipeline.train_dataset(c.data, TOK, seed=0)))
+  np.testing.assert_array_equal(last["chosen"], mean["chosen"])  # Same pairs, same tokens.
+  for side in ("chosen", "rejected"):
+    for tokens, one_hot, spread in zip(mean[side], last[f"{side}_mask"], mean[f"{side}_mask"]):
+      n = int(np.argmax(one_hot)) + 1  # The text and its <eos>.
+      np.testing.assert_allclose(spread[:n], 1.0 / n, rtol=1e-6)
+      assert not spread[n:].any() and tokens[n - 1] == TOK.eos_id
+  np.testing.assert_allclose(mean["weights"].sum(axis=1), 1.0, rtol=1e-5)  # One per pair.
