@@ -81,9 +81,9 @@ STAGES = {
                    dataset="rotten_tomatoes"),
     # PPO / DPO (--init_from POLICY --reward_from REWARD_MODEL): one step = one batch of
     # 32 prompts of 16 tokens (Rotten Tomatoes openings), responses of 32 tokens.
-    "ppo": dict(steps=100, seq_len=128, batch_size=32, rope="none", packing="concat",
+    "ppo": dict(steps=300, seq_len=128, batch_size=32, rope="none", packing="concat",
                 dataset="rotten_tomatoes"),
-    "dpo": dict(steps=100, seq_len=128, batch_size=32, rope="none", packing="concat",
+    "dpo": dict(steps=300, seq_len=128, batch_size=32, rope="none", packing="concat",
                 dataset="rotten_tomatoes"),
 }
 
@@ -101,6 +101,8 @@ def get_config(arg: str | None = None):
       packing="",  # data.packing: concat | document ('' = the stage's default).
       passkey=0.0,  # data.passkey_fraction: rows turned into pass-key retrieval rows.
       passkey_weight=1.0,  # data.passkey_answer_weight: loss weight of their answer tokens.
+      # data.score_pooling of the reward stage: mean (default) or last (docs/rlhf.md).
+      pooling="mean",
       dataset="",  # data.dataset: a local builder or a TFDS catalog name ('' = the stage's).
       width=128,  # Residual width D; 4 heads of D/4, SwiGLU FFN of 4D.
       layers=4,  # Decoder blocks L.
@@ -170,6 +172,7 @@ def get_config(arg: str | None = None):
     c.train.update(learning_rate=1e-3, warmup_steps=min(20, args.steps), eval_every=100,
                    checkpoint_every=100)
     c.data.update(format="chat" if args.stage == "sft" else "preference")
+    c.data.score_pooling = args.pooling
     c.model.head = "scalar" if args.stage == "reward" else "lm"
     c.eval.update(batch_size=32, max_batches=0)
     c.sample.update(prompt="Repeat exactly: \"The earth was formless and empty.\"")

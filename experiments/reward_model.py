@@ -6,7 +6,9 @@ a stage-1 model of half the depth of the tiny policy (`--base`, default
 (`--reward`, default `configs/tiny.py:stage=reward,layers=2`): the same trunk with a
 scalar head, trained with the Bradley-Terry loss on (fresh, rotten) pairs of Rotten
 Tomatoes snippets (human labels; `rotten_tomatoes`, validation = held-out movies).
-`--scratch` adds the same reward stage from a random init (what pretraining buys).
+Two readings of the reward (`data.score_pooling`): the score at the closing `<eos>`
+(`last`, InstructGPT) and the mean of the per-token scores (`mean`).
+`--scratch` adds the same reward stages from a random init (what pretraining buys).
 
 Measured on the held-out movies: pairwise accuracy over every (fresh, rotten) pair
 of validation snippets (the ROC AUC of the scores, `rlhf.reward.pairwise_accuracy`)
@@ -36,6 +38,7 @@ from experiments import common
 
 BASE = "configs/tiny.py:layers=2"
 REWARD = "configs/tiny.py:stage=reward,layers=2"
+POOLINGS = ("mean", "last")  # data.score_pooling of the compared reward models.
 QUICK = dict(base="steps=20", reward="steps=10")
 
 
@@ -85,11 +88,13 @@ def main(argv: list[str]) -> None:
   root.mkdir(parents=True, exist_ok=True)
 
   runs = {"base": common.train_stage(args.base, root / "base", data_dir)}
-  runs["reward"] = common.train_stage(args.reward, root / "reward", data_dir,
-                                      init_from=str(root / "base"))
-  if args.scratch:
-    runs["reward_scratch"] = common.train_stage(args.reward, root / "reward_scratch",
-                                                data_dir)
+  for pooling in POOLINGS:
+    spec = common.with_args(args.reward, f"pooling={pooling}")
+    runs[f"reward_{pooling}"] = common.train_stage(spec, root / f"reward_{pooling}", data_dir,
+                                                   init_from=str(root / "base"))
+    if args.scratch:
+      runs[f"reward_{pooling}_scratch"] = common.train_stage(
+          spec, root / f"reward_{pooling}_scratch", data_dir)
   baseline = bag_of_words_baseline(data_dir)
   summary = {name: {k: round(r[k], 4) for k in ("pairwise_accuracy", "loss")}
              for name, r in runs.items() if name != "base"}

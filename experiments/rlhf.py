@@ -36,7 +36,7 @@ from dsv2_jax.train.metrics import read_metrics
 from experiments import common
 
 POLICY = "runs/instruction_tuning/sft"
-REWARD = "runs/reward_model/reward"
+REWARD = "runs/reward_model/reward_mean"
 RUNS = {"ppo": "configs/tiny.py:stage=ppo", "dpo": "configs/tiny.py:stage=dpo"}
 EVAL_KEYS = ("reward", "positive_share", "kl_per_response", "response_tokens", "entropy",
              "reference_bits_per_byte")
