@@ -24,8 +24,19 @@ behind YaRN after the same adaptation (docs/results.md section 8):
   python -m dsv2_jax train --config configs/tiny.py --workdir runs/tiny
   python -m dsv2_jax train --config configs/tiny.py:stage=2 --init_from runs/tiny \
       --workdir runs/tiny_long
-Stage 3 (instruction tuning, RLHF) is not built yet. Every other argument combines with
-`stage=2` (e.g. attention=dsa, rope=yarn:16, seq_len=1024).
+Every other argument combines with `stage=2` (e.g. attention=dsa, rope=yarn:16, seq_len=1024).
+
+Stage 3 (docs/rlhf.md): `stage=sft` instruction-tunes a stage-1 run on chat examples
+(chatterbot + bible_quotes, loss on responses only, first-fit packed rows of 256 tokens);
+`stage=reward` trains a scalar-head reward model on Rotten Tomatoes (fresh, rotten) pairs
+(`pooling=mean|last`); `stage=ppo` / `stage=dpo` optimise a policy (--init_from) against a
+reward model (--reward_from):
+  python -m dsv2_jax train --config configs/tiny.py:stage=sft --init_from runs/tiny --workdir runs/sft
+  python -m dsv2_jax train --config configs/tiny.py:layers=2 --workdir runs/tiny_small
+  python -m dsv2_jax train --config configs/tiny.py:stage=reward,layers=2 \
+      --init_from runs/tiny_small --workdir runs/reward
+  python -m dsv2_jax train --config configs/tiny.py:stage=ppo --init_from runs/sft \
+      --reward_from runs/reward --workdir runs/ppo
 """
 
 from dsv2_jax import config as config_lib
