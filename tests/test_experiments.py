@@ -68,3 +68,23 @@ def test_long_context_rag_and_decode_speed_quick_runs(tmp_path, data_dir):
   assert rag["bpb"]["native"]["tokens"] == rag["bpb"]["rag"]["tokens"]
   _run_experiment("experiments.decode_speed", "--quick", "--no_hf",
                   "--out", str(tmp_path / "decode.json"))
+
+
+@pytest.mark.slow
+def test_stage3_experiments_quick_runs(tmp_path, data_dir):
+  """The issue-15 experiments still run end to end (--quick; about 10 minutes)."""
+  pytest.importorskip("sklearn")  # The reward model's baseline (the `bench` extra).
+  _run_experiment("experiments.instruction_tuning", "--quick", "--workdir", str(tmp_path / "it"),
+                  "--data_dir", data_dir, "--out", str(tmp_path / "it.json"))
+  it = json.loads((tmp_path / "it.json").read_text())
+  assert set(it["held_out"]) == {"base", "sft"}
+  _run_experiment("experiments.reward_model", "--quick", "--workdir", str(tmp_path / "rm"),
+                  "--data_dir", data_dir, "--out", str(tmp_path / "rm.json"))
+  rm = json.loads((tmp_path / "rm.json").read_text())
+  assert 0.0 <= rm["summary"]["reward_mean"]["pairwise_accuracy"] <= 1.0
+  _run_experiment("experiments.rlhf", "--quick", "--workdir", str(tmp_path / "rl"),
+                  "--policy", str(tmp_path / "it" / "sft"),
+                  "--reward", str(tmp_path / "rm" / "reward_mean"), "--data_dir", data_dir,
+                  "--out", str(tmp_path / "rl.json"))
+  rl = json.loads((tmp_path / "rl.json").read_text())
+  assert set(rl["summary"]) == {"ppo", "dpo"}
