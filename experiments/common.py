@@ -202,6 +202,23 @@ def command(module: str, argv: Sequence[str]) -> str:
   return shlex.join(["python", "-m", module, *argv])
 
 
+def chain_parser(doc: str, workdir: str) -> argparse.ArgumentParser:
+  """Flags of an experiment that trains a chain of runs: --out (the JSON), --workdir (one
+  resumable trainer workdir per run, default `workdir`) and --data_dir."""
+  parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--workdir", default=workdir)
+  parser.add_argument("--data_dir", default="~/tensorflow_datasets")
+  return parser
+
+
+def chain_dirs(args: argparse.Namespace) -> tuple[str, pathlib.Path]:
+  """(data_dir, workdir) of `chain_parser`'s flags, expanded; the workdir is created."""
+  root = pathlib.Path(args.workdir).expanduser()
+  root.mkdir(parents=True, exist_ok=True)
+  return os.path.expanduser(args.data_dir), root
+
+
 def train_stage(spec: str, workdir: pathlib.Path, data_dir: str, init_from: str = "") -> dict:
   """Trains (or resumes, or just reads) one stage of a chain in `workdir`; returns its
   eval.json plus train_seconds and the config spec. No sample is generated."""

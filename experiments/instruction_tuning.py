@@ -23,11 +23,8 @@ Plus greedy samples (`Run.sample`, temperature 0) for a few held-out prompts.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import math
-import os
-import pathlib
 import sys
 from typing import Any
 
@@ -56,9 +53,9 @@ def held_out_examples(dataset: str, data_dir: str, max_examples: int
   out = []
   for i in picks:
     r = source[int(i)]
-    text = lambda k: r[k].decode("utf-8") if isinstance(r[k], bytes) else str(r[k])  # noqa
-    out.append({"prompt": text("prompt"), "response": text("response"),
-                "task": text("task") if "task" in r else dataset})
+    out.append({"prompt": sources.as_text(r["prompt"]),
+                "response": sources.as_text(r["response"]),
+                "task": sources.as_text(r["task"]) if "task" in r else dataset})
   return out
 
 
@@ -107,10 +104,7 @@ def summarize(examples: list[dict[str, str]], scores: list[dict[str, float]]
 
 
 def main(argv: list[str]) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", required=True)
-  parser.add_argument("--workdir", default="runs/instruction_tuning")
-  parser.add_argument("--data_dir", default="~/tensorflow_datasets")
+  parser = common.chain_parser(__doc__, "runs/instruction_tuning")
   parser.add_argument("--base", default=BASE, metavar="FILE[:args]", help="Stage 1.")
   parser.add_argument("--sft", default=SFT, metavar="FILE[:args]", help="The SFT stage.")
   parser.add_argument("--max_examples", type=int, default=0,
@@ -122,9 +116,7 @@ def main(argv: list[str]) -> None:
     args.base = common.with_args(args.base, QUICK["base"])
     args.sft = common.with_args(args.sft, QUICK["sft"])
     args.max_examples = QUICK["max_examples"]
-  data_dir = os.path.expanduser(args.data_dir)
-  root = pathlib.Path(args.workdir).expanduser()
-  root.mkdir(parents=True, exist_ok=True)
+  data_dir, root = common.chain_dirs(args)
 
   runs = {"base": common.train_stage(args.base, root / "base", data_dir)}
   runs["sft"] = common.train_stage(args.sft, root / "sft", data_dir,

@@ -32,10 +32,8 @@ kept in WORKDIR/results.json and skipped on a rerun, so the script is resumable.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import pathlib
 import sys
 from typing import Any
@@ -161,10 +159,7 @@ def long_documents(spec: str, data_dir: str, tokenizer, doc_tokens: int, max_doc
 
 
 def main(argv: list[str]) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", required=True)
-  parser.add_argument("--workdir", default="runs/long_context")
-  parser.add_argument("--data_dir", default="~/tensorflow_datasets")
+  parser = common.chain_parser(__doc__, "runs/long_context")
   parser.add_argument("--stage1", default=STAGE1, metavar="FILE[:args]")
   parser.add_argument("--stage2", default=STAGE2, metavar="FILE[:args]")
   parser.add_argument("--adapted", default="pi,pi_sliding,pi_dsa,yarn", help="Stage-2 variants to run.")
@@ -177,15 +172,13 @@ def main(argv: list[str]) -> None:
   parser.add_argument("--max_docs", type=int, default=8)
   parser.add_argument("--quick", action="store_true", help=f"Smoke run: {QUICK}.")
   args = parser.parse_args(argv)
-  data_dir = os.path.expanduser(args.data_dir)
   lengths = QUICK["lengths"] if args.quick else LENGTHS
   if args.quick:
     args.stage1 = common.with_args(args.stage1, QUICK["stage1"])
     args.stage2 = common.with_args(args.stage2, QUICK["stage2"])
     args.samples, args.doc_tokens, args.max_docs = (QUICK["samples"], QUICK["doc_tokens"],
                                                     QUICK["max_docs"])
-  root = pathlib.Path(args.workdir).expanduser()
-  root.mkdir(parents=True, exist_ok=True)
+  data_dir, root = common.chain_dirs(args)
   results = Results(root / "results.json")
 
   # 1) Stage 1 at 128 tokens, then each stage-2 variant from it.

@@ -23,9 +23,6 @@ way with its decision function.
 
 from __future__ import annotations
 
-import argparse
-import os
-import pathlib
 import sys
 import time
 from typing import Any
@@ -45,7 +42,7 @@ QUICK = dict(base="steps=20", reward="steps=10")
 def texts_and_labels(split: str, data_dir: str) -> tuple[list[str], np.ndarray]:
   source = sources.data_source("rotten_tomatoes", split, data_dir)
   rows = [source[i] for i in range(len(source))]
-  return ([r["text"].decode("utf-8") for r in rows],
+  return ([sources.as_text(r["text"]) for r in rows],
           np.array([int(r["label"]) for r in rows]))
 
 
@@ -70,10 +67,7 @@ def bag_of_words_baseline(data_dir: str) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", required=True)
-  parser.add_argument("--workdir", default="runs/reward_model")
-  parser.add_argument("--data_dir", default="~/tensorflow_datasets")
+  parser = common.chain_parser(__doc__, "runs/reward_model")
   parser.add_argument("--base", default=BASE, metavar="FILE[:args]", help="Stage 1.")
   parser.add_argument("--reward", default=REWARD, metavar="FILE[:args]")
   parser.add_argument("--scratch", action="store_true",
@@ -83,9 +77,7 @@ def main(argv: list[str]) -> None:
   if args.quick:
     args.base = common.with_args(args.base, QUICK["base"])
     args.reward = common.with_args(args.reward, QUICK["reward"])
-  data_dir = os.path.expanduser(args.data_dir)
-  root = pathlib.Path(args.workdir).expanduser()
-  root.mkdir(parents=True, exist_ok=True)
+  data_dir, root = common.chain_dirs(args)
 
   runs = {"base": common.train_stage(args.base, root / "base", data_dir)}
   for pooling in POOLINGS:

@@ -23,9 +23,7 @@ that games the reward with gibberish shows up there). Samples before and after.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import pathlib
 import sys
 import time
@@ -83,10 +81,7 @@ def plot(result: dict[str, Any], path: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", required=True)
-  parser.add_argument("--workdir", default="runs/rlhf")
-  parser.add_argument("--data_dir", default="~/tensorflow_datasets")
+  parser = common.chain_parser(__doc__, "runs/rlhf")
   parser.add_argument("--policy", default=POLICY, help="The SFT (or stage-1) workdir.")
   parser.add_argument("--reward", default=REWARD, help="The reward model's workdir.")
   parser.add_argument("--runs", default=",".join(RUNS), help="Which of ppo, dpo.")
@@ -99,8 +94,7 @@ def main(argv: list[str]) -> None:
     if not (pathlib.Path(path) / "eval.json").is_file():
       sys.exit(f"{path} is not a finished run: run `python -m {producer}` first, or pass "
                "another workdir.")
-  data_dir = os.path.expanduser(args.data_dir)
-  root = pathlib.Path(args.workdir).expanduser()
+  data_dir, root = common.chain_dirs(args)
   extra = ",".join(filter(None, [args.args, QUICK if args.quick else ""]))
   runs = {name: run_one(common.with_args(RUNS[name], extra) if extra else RUNS[name],
                         root / name, args.policy, args.reward, data_dir)

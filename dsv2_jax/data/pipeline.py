@@ -132,10 +132,8 @@ class _PasskeyMix(grain.transforms.RandomMap):
 def _chat_example_fn(tokenizer: Tokenizer, data: ml_collections.ConfigDict):
   """Example -> inputs/targets/weights [n - 1] of its chat rendering (cut to T)."""
   def render(example: dict[str, Any]) -> dict[str, np.ndarray]:
-    text = lambda key: example[key].decode("utf-8") if isinstance(example[key], bytes) \
-        else str(example[key])  # noqa: E731
-    tokens, weights = chat.render_example(tokenizer, text(data.prompt_key),
-                                          text(data.response_key))
+    tokens, weights = chat.render_example(tokenizer, sources.as_text(example[data.prompt_key]),
+                                          sources.as_text(example[data.response_key]))
     tokens, weights = tokens[:data.seq_len + 1], weights[:data.seq_len + 1]
     return {"inputs": tokens[:-1], "targets": tokens[1:], "weights": weights[1:]}
   return render
@@ -166,8 +164,7 @@ def _scored_text(tokenizer: Tokenizer, text: Any, seq_len: int, pooling: str = "
                  ) -> tuple[np.ndarray, np.ndarray]:
   """`text <eos>` cut to seq_len and padded: (tokens int32 [T], score mask float32 [T]:
   one-hot at <eos>, or 1/n on its n tokens with pooling 'mean')."""
-  text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
-  ids = np.append(tokenizer.encode(text)[:seq_len - 1], tokenizer.eos_id).astype(np.int32)
+  ids = np.append(tokenizer.encode(sources.as_text(text))[:seq_len - 1], tokenizer.eos_id).astype(np.int32)
   mask = np.zeros(seq_len, np.float32)
   if pooling == "mean":
     mask[:len(ids)] = 1.0 / len(ids)

@@ -19,6 +19,7 @@ import socket
 from typing import Any
 
 import grain
+import numpy as np
 import tensorflow_datasets as tfds
 
 from dsv2_jax.data import chat_corpora, corpora, review_corpora
@@ -102,6 +103,13 @@ def get_builder(dataset: str, data_dir: str, download: bool = False) -> tfds.cor
   with _file_lock(root):
     builder.download_and_prepare(file_format="array_record")
   return builder
+
+
+def as_text(value: Any) -> str:
+  """A text feature of a decoded example (bytes, or a 0-d numpy array of them) as str."""
+  if isinstance(value, np.ndarray):
+    value = value.item()
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def data_source(dataset: str, split: str, data_dir: str, download: bool = False):

@@ -135,15 +135,9 @@ def _dataset_documents(spec: str, data_dir: str, text_key: str) -> list[tuple[st
     if text_key not in item:
       raise RetrievalError(f"corpus {spec!r} has no feature {text_key!r}; it has "
                            f"{sorted(item)}.")
-    doc_id = _as_str(item["id"]) if "id" in item else f"{spec}:{i}"
-    docs.append((doc_id, _as_str(item[text_key])))
+    doc_id = sources.as_text(item["id"]) if "id" in item else f"{spec}:{i}"
+    docs.append((doc_id, sources.as_text(item[text_key])))
   return docs
-
-
-def _as_str(value: Any) -> str:
-  if isinstance(value, np.ndarray):
-    value = value.item()
-  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 # --- Passages ------------------------------------------------------------------------------

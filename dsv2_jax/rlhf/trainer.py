@@ -118,8 +118,7 @@ def prompt_tokens(config: ml_collections.ConfigDict, split: str, tokenizer) -> n
   source = sources.data_source(h.prompt_dataset, split, d.data_dir, d.download)
   out = []
   for i in range(len(source)):
-    text = source[i][h.prompt_key]
-    ids = tokenizer.encode(text.decode("utf-8") if isinstance(text, bytes) else str(text))
+    ids = tokenizer.encode(sources.as_text(source[i][h.prompt_key]))
     if len(ids) > h.prompt_tokens:
       out.append(ids[:h.prompt_tokens])
   if not out:
@@ -376,20 +375,6 @@ def _write_samples(path: pathlib.Path, tokenizer, prompts: np.ndarray, responses
   path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def _resume_check(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
-  path = workdir / "config.json"
-  if not path.is_file():
-    return
-  saved = config_lib.from_json(path.read_text())
-  get = lambda c, f: functools.reduce(lambda x, k: x[k], f.split("."), c)  # noqa: E731
-  plain = lambda v: v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v  # noqa
-  changed = [f for f in _RESUME_MUST_MATCH if plain(get(saved, f)) != plain(get(config, f))]
-  if changed:
-    raise config_lib.ConfigError(
-        f"{workdir} holds a run with a different {', '.join(changed)}; use a fresh --workdir "
-        "or restore those values.")
-
-
 def train_rlhf(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                stop_after: int | None = None) -> dict[str, Any]:
   """Runs PPO or DPO (config.rlhf.algorithm) in `workdir`, resuming if it can.
@@ -405,8 +390,8 @@ def train_rlhf(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   trainer.prepare_workdir(workdir)  # Only once the runs fit: bad input writes nothing.
   checkpointer = Checkpointer(workdir / "checkpoints", config.train.max_checkpoints,
                               config.train.async_checkpointing)
-  if checkpointer.latest_step() is not None:
-    _resume_check(workdir, config)
+  if checkpointer.latest_step() is not None and (workdir / "config.json").is_file():
+    trainer.check_resumable(trainer.load_config(workdir), config, workdir, _RESUME_MUST_MATCH)
   (workdir / "config.json").write_text(config_lib.to_json(config))
   h, train_cfg = config.rlhf, config.train
   train_prompts = grain.MapDataset.source(

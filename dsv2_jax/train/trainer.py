@@ -73,9 +73,11 @@ def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
   return config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
 
 
-def _check_resumable(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
-                     workdir: pathlib.Path) -> None:
-  changed = [f for f in _RESUME_MUST_MATCH if _get(saved, f) != _get(config, f)]
+def check_resumable(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
+                    workdir: pathlib.Path, fields: tuple[str, ...] = _RESUME_MUST_MATCH
+                    ) -> None:
+  """ConfigError unless `config` agrees with the `saved` one on every dotted field."""
+  changed = [f for f in fields if _get(saved, f) != _get(config, f)]
   if changed:
     raise config_lib.ConfigError(
         f"{workdir} holds a run with a different {', '.join(changed)}; resuming it with "
@@ -298,7 +300,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   s = config.sample
   config_path = workdir / "config.json"
   if config_path.exists() and run.checkpointer.latest_step() is not None:
-    _check_resumable(load_config(workdir), config, workdir)
+    check_resumable(load_config(workdir), config, workdir)
   fresh = run.checkpointer.latest_step() is None
   if lead:
     config_path.write_text(config_lib.to_json(config))
