@@ -138,7 +138,7 @@ def _open_run(need_checkpoint: bool = True):
   """Config and Run of a trained workdir, nothing restored yet (flags are checked first)."""
   from dsv2_jax.train import trainer  # pylint: disable=g-import-not-at-top
   workdir = _need_workdir()
-  config = trainer.load_config(workdir)
+  config = trainer.inference_config(trainer.load_config(workdir))
   run = trainer.Run(config, workdir)
   if need_checkpoint and run.checkpointer.latest_step() is None:
     raise UsageError(f"{workdir} has no checkpoint yet: train first.")
@@ -191,10 +191,10 @@ def _eval() -> None:
       raise UsageError(f"--rag needs room for passages: rag.query_tokens "
                        f"({config.rag.query_tokens}) + stride ({stride}) must be < window "
                        f"({window}).")
-  state, shardings, _ = run.initial_state()
-  eval_fn = evaluate.make_eval_fn(run.model, run.tokenizer, run.mesh, shardings.params)
+  params, param_shardings, step = run.trained_params()
+  eval_fn = evaluate.make_eval_fn(run.model, run.tokenizer, run.mesh, param_shardings)
   if not windowed:  # Packed rows of data.seq_len, as the trainer's evals.
-    result = evaluate.evaluate(eval_fn, state.params, config, run.tokenizer, run.mesh)
+    result = evaluate.evaluate(eval_fn, params, config, run.tokenizer, run.mesh)
     result.update(dataset=config.data.dataset, split=config.data.eval_split)
   else:
     if texts is None:  # The eval split's documents as one stream, as packing joins them.
@@ -204,7 +204,7 @@ def _eval() -> None:
     augment = None if index is None else retrieval.window_augmenter(
         index, run.tokenizer, config.rag.top_k, config.rag.query_tokens, window)
     result = sliding_window.score(
-        eval_fn, state.params, sliding_window.document_stream(texts, run.tokenizer),
+        eval_fn, params, sliding_window.document_stream(texts, run.tokenizer),
         window, stride, config.eval.batch_size, run.tokenizer,
         put_batch=lambda b: sharding.put_batch(b, run.mesh), augment=augment)
     if _TEXT.value:
@@ -214,7 +214,7 @@ def _eval() -> None:
     if _RAG.value:
       result.update(rag=_RAG.value, rag_top_k=config.rag.top_k,
                     rag_query_tokens=config.rag.query_tokens)
-  result.update(step=int(state.step))
+  result.update(step=step)
   print(json.dumps(result, indent=None if _JSON.value else 2, sort_keys=True))
 
 
@@ -258,8 +258,8 @@ def _generate() -> None:
     context = augmented.ids
     for passage, score in hits[:augmented.num_passages]:
       print(f"retrieved {passage.doc_id}#{passage.index} (BM25 {score:.2f})", file=sys.stderr)
-  state, _, _ = run.initial_state()
-  print(run.sample(state.params, prompt, max_new, temperature, top_k, _SEED.value, top_p,
+  params, _, _ = run.trained_params()
+  print(run.sample(params, prompt, max_new, temperature, top_k, _SEED.value, top_p,
                    window, context))
 
 

@@ -110,19 +110,21 @@ class Checkpointer:
           f"({_short(e)}). It was left untouched.") from e
     return restored.state, dict(restored.data or {})
 
-  def restore_params(self, step: int, abstract_params: Any, param_shardings: Any) -> Any:
+  def restore_params(self, step: int, abstract_params: Any, param_shardings: Any,
+                     key: str = "params") -> Any:
     """Only the parameters of `step` (a partial restore: no optimizer state is read),
-    cast to `abstract_params`' dtypes and placed in `param_shardings`."""
+    cast to `abstract_params`' dtypes and placed in `param_shardings`. `key` names them
+    in the saved state: 'params' (TrainState) or 'policy' (a PPO / DPO run's RLState)."""
     restore_args = jax.tree.map(
         lambda a, s: ocp.ArrayRestoreArgs(sharding=s, dtype=a.dtype, global_shape=a.shape),
         abstract_params, param_shardings)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_params, param_shardings)
-    args = ocp.args.PyTreeRestore(item={"params": target}, restore_args={"params": restore_args},
+    args = ocp.args.PyTreeRestore(item={key: target}, restore_args={key: restore_args},
                                   partial_restore=True)
     try:
       with ocp.PyTreeCheckpointer() as checkpointer:
-        return checkpointer.restore(self.directory / str(step) / "state", args=args)["params"]
+        return checkpointer.restore(self.directory / str(step) / "state", args=args)[key]
     except Exception as e:  # orbax raises many types for unreadable or foreign files.
       raise CheckpointError(
           f"parameters of checkpoint step {step} under {self.directory} cannot be restored "

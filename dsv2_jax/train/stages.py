@@ -69,6 +69,11 @@ def _shape_mismatch(parent: Any, child: Any) -> str | None:
   return None
 
 
+def params_key(config: ml_collections.ConfigDict) -> str:
+  """Where a run's checkpoints keep its (policy's) parameters."""
+  return "params" if config.rlhf.algorithm == "none" else "policy"
+
+
 def parent_config(init_from: str) -> tuple[pathlib.Path, ml_collections.ConfigDict]:
   """The parent workdir (resolved) and its saved config; StageError if it is not a run."""
   parent = pathlib.Path(init_from).expanduser().resolve()
@@ -140,7 +145,8 @@ def init_params(init_from: str, abstract_params: Any, param_shardings: Any
       raise StageError(f"train.init_from={init_from} has no checkpoint: train it first.")
     for step in reversed(steps):
       try:
-        params = checkpointer.restore_params(step, abstract_params, param_shardings)
+        params = checkpointer.restore_params(step, abstract_params, param_shardings,
+                                             params_key(config))
         break
       except CheckpointError as e:
         logging.warning("%s Trying the previous step of the parent.", e)

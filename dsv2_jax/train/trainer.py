@@ -126,6 +126,14 @@ def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
   return config_lib.from_json(path.read_text())
 
 
+def inference_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` as eval and generate use it: a PPO policy's shared value head is not needed
+  (its language model is read, `Run.trained_params`)."""
+  if config.rlhf.algorithm != "none" and config.model.head == "lm_value":
+    config.model.head = "lm"
+  return config
+
+
 class Run:
   """The pieces of a run that training, eval and generation all need."""
 
@@ -175,6 +183,21 @@ class Run:
                         bad, moved)
     logging.info("Restored step %d from %s", step, self.checkpointer.directory)
     return state, shardings, data_state
+
+  def trained_params(self) -> tuple[Any, Any, int]:
+    """(params, param_shardings, step) of the newest checkpoint, for eval and generate.
+
+    A PPO / DPO run's checkpoint holds an RLState: its policy is read (params only),
+    without a shared value head (build this Run with `model.head='lm'`, see
+    `inference_config`).
+    """
+    if self.config.rlhf.algorithm == "none":
+      state, shardings, _ = self.initial_state()
+      return state.params, shardings.params, int(state.step)
+    boxed = abstract_state(self.model, self.tx, self.config.data.seq_len).params
+    shardings = sharding.logical_shardings(boxed, self.mesh)
+    params, record = stages.init_params(str(self.workdir), nn.meta.unbox(boxed), shardings)
+    return params, shardings, record["step"]
 
   def sample_window(self) -> tuple[int, int]:
     """(window, stride) of generation: sample.window or model.max_seq_len, and

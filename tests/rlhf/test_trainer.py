@@ -2,8 +2,9 @@
 
 Checked: a run stopped and resumed reaches bit-identical checkpoints (policy, value,
 optimizer state, beta, RNG) and metrics as a straight run, for PPO and DPO; PPO with a
-shared value head starts from the parent's trunk; every mismatch between the policy,
-the reward model and the prompt budget is one line before any checkpoint is written,
+shared value head starts from the parent's trunk, and eval / generate read its policy;
+every mismatch between the policy, the reward model and the prompt budget is one line
+before any checkpoint is written,
 and through the CLI an exit status 2. Oracles: checkpoints read back raw with orbax (no
 model built), the parents' own checkpoints, PRNGKey(seed). Also: ppo_step compiles once
 per run, and a bad input or an unwritable workdir leaves nothing behind.
@@ -190,6 +191,16 @@ def test_shared_value_head_starts_from_the_parent_trunk(tmp_path, data_dir, pare
   record = json.loads((workdir / stages.PARENT_FILE).read_text())
   assert record["new_head"] == ["score_head"] and record["path"] == str(lm.resolve())
   assert record["reward_model"]["path"] == str(rm.resolve())
+  # eval / generate read the policy's language model (the value head is left out).
+  inference = trainer.Run(trainer.inference_config(trainer.load_config(workdir)), workdir)
+  params, _, step = inference.trained_params()
+  assert step == 1 and inference.config.model.head == "lm"
+  assert_trees_equal(jax.device_get(params), without(after["policy"], "score_head"))
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", "dsv2_jax", "generate", "--workdir", str(workdir),
+                         "--prompt", "The", "--max_new_tokens", "4"], capture_output=True,
+                        text=True, env=env, cwd=REPO, timeout=300)
+  assert proc.returncode == 0 and proc.stdout.startswith("The"), proc.stderr[-2000:]
 
 
 def test_ppo_step_traces_once_per_run(tmp_path, data_dir, parents, monkeypatch):
