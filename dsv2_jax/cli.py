@@ -1,4 +1,4 @@
-"""Command line: `python -m dsv2_jax {train,eval,generate,info,plan} [flags]`.
+"""Command line: `python -m dsv2_jax {train,eval,generate,index,quantize,info,plan} [flags]`.
 
   train     train (or resume) a run and evaluate it on held-out text
             --config FILE[:args] --workdir DIR [--config.a.b=v ...] [--stop_after N]
@@ -14,6 +14,10 @@
             --top_p P --seed S --window W --stride S --rag INDEX]
   index     build a BM25 retrieval index beside a run, for --rag (passages of rag.passage_tokens)
             --workdir DIR --corpus NAME:SPLIT|FOLDER [--corpus ...] [--index_name NAME]
+  quantize  store a run's weights as quant.rules says (INT8 blocks, bf16/fp16) in a new
+            workdir that eval and generate read (post-training if the run was not QAT)
+            --workdir RUN --out DIR [--rules MODULE=FORMAT,...] [--block 4x4|channel|...]
+            [--int8_dot]  (eval/generate of DIR use INT8 x INT8 dots; else weight-only)
   info      total / active parameters of a config or run (shapes only); for a run,
             also its chain of stages (train.init_from parents)
             --config FILE | --workdir DIR [--json]
@@ -45,7 +49,7 @@ from ml_collections import config_flags
 
 from dsv2_jax import config as config_lib
 
-COMMANDS = ("train", "eval", "generate", "index", "info", "plan")
+COMMANDS = ("train", "eval", "generate", "index", "quantize", "info", "plan")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/*.py), optionally with ':args'.", lock_config=True)
@@ -78,7 +82,15 @@ _STRIDE = flags.DEFINE_integer("stride", None, "eval/generate: window stride in 
 _TOP_P = flags.DEFINE_float("top_p", None, "generate: nucleus sampling mass; 1 = off.")
 _RAG = flags.DEFINE_string("rag", None, "eval/generate: retrieval index (a name under "
                            "WORKDIR/rag/ from the index command, or a folder).")
-_JSON = flags.DEFINE_bool("json", False, "info/eval: print JSON only.")
+_JSON = flags.DEFINE_bool("json", False, "info/eval/quantize: print JSON only.")
+_OUT = flags.DEFINE_string("out", None, "quantize: the new workdir to write.")
+_RULES = flags.DEFINE_string("rules", None, "quantize: quant.rules, MODULE=FORMAT,... "
+                             "(default: the run's own, else ffn=int8[,experts=int8]).")
+_BLOCK = flags.DEFINE_string("block", None, "quantize: quant.block (4x4, RxC, channel, "
+                             "tensor; default: the run's own).")
+_INT8_DOT = flags.DEFINE_bool("int8_dot", None, "quantize/eval/generate: multiply INT8 "
+                              "weights as INT8 x INT8 -> INT32 dots (--noint8_dot: "
+                              "weight-only, dequantized inside each matmul).")
 _MESH = flags.DEFINE_string(
     "mesh", None, "train: replaces config.mesh; a preset (dp, fsdp, tp, dp_tp2, fsdp_tp4, "
     "dp_ep4, pp4_dp, pp2_tp2_dp) or AXIS=SIZE,... over data/fsdp/tensor/expert/stage.")
@@ -139,6 +151,11 @@ def _open_run(need_checkpoint: bool = True):
   from dsv2_jax.train import trainer  # pylint: disable=g-import-not-at-top
   workdir = _need_workdir()
   config = trainer.inference_config(trainer.load_config(workdir))
+  if _INT8_DOT.value is not None:
+    if not config.quant.exported:
+      raise UsageError(f"--int8_dot needs a quantized workdir; {workdir} is not one "
+                       "(make one with `quantize --workdir RUN --out DIR`).")
+    config.quant.int8_dot = _INT8_DOT.value
   run = trainer.Run(config, workdir)
   if need_checkpoint and run.checkpointer.latest_step() is None:
     raise UsageError(f"{workdir} has no checkpoint yet: train first.")
@@ -284,6 +301,16 @@ def _index() -> None:
         f"(use --rag {_INDEX_NAME.value})")
 
 
+def _quantize() -> None:
+  from dsv2_jax.quant import export  # pylint: disable=g-import-not-at-top
+  workdir = _need_workdir()
+  if not _OUT.value:
+    raise UsageError("quantize needs --out DIR (the new workdir to write).")
+  report = export.export(workdir, _OUT.value, _RULES.value, _BLOCK.value,
+                         bool(_INT8_DOT.value))
+  print(json.dumps(report, indent=2) if _JSON.value else export.format_report(report))
+
+
 def _info() -> None:
   from dsv2_jax import info  # pylint: disable=g-import-not-at-top
   from dsv2_jax.train import trainer  # pylint: disable=g-import-not-at-top
@@ -331,9 +358,10 @@ def _errors() -> tuple[type[BaseException], ...]:
   from dsv2_jax.infer.retrieval import RetrievalError
   from dsv2_jax.infer.sliding_window import TextFileError
   from dsv2_jax.train.trainer import TrainingDiverged, WorkdirError
+  from dsv2_jax.quant.export import QuantizeError
   return (config_lib.ConfigError, UsageError, MissingCorpusError, DatasetUnavailableError,
           MeshError, CheckpointError, FileNotFoundError, WorkdirError, TrainingDiverged,
-          StageError, RetrievalError, TextFileError)
+          StageError, RetrievalError, TextFileError, QuantizeError)
 
 
 def _config_value(argv: list[str]) -> str | None:
@@ -415,7 +443,7 @@ def main(argv: list[str]) -> None:
   logging.getLogger("jax").setLevel(logging.WARNING)
   logging.getLogger("bm25s").setLevel(logging.WARNING)  # Per-build progress lines.
   handler = {"train": _train, "eval": _eval, "generate": _generate, "index": _index,
-             "info": _info, "plan": _plan}[commands[0]]
+             "quantize": _quantize, "info": _info, "plan": _plan}[commands[0]]
   try:
     if _DISTRIBUTED.value:
       from dsv2_jax.parallel import distributed  # pylint: disable=g-import-not-at-top

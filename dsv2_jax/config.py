@@ -235,6 +235,16 @@ def default_config() -> ml_collections.ConfigDict:
   h.dpo_beta = 0.1  # DPO's KL strength.
   h.eval_prompts = 128  # Held-out prompts (eval split openings) per evaluation.
 
+  # Quantization (docs/quantization.md). With `quant.rules` set, training is QAT (the
+  # forward pass sees the rounded weights) and `quantize` exports that layout.
+  q = c.quant = ml_collections.ConfigDict()
+  q.rules = ""  # MODULE=FORMAT,... e.g. 'ffn=int8,experts=int8,attention=fp16'; '' = off.
+  q.block = "4x4"  # One INT8 scale per block: RxC (contracted x output), channel, tensor.
+  q.penalty_start = 0.1  # lambda of the rounding penalty sum ||Round(W) - W||^2 decays
+  q.penalty_end = 0.01  # exponentially from penalty_start to penalty_end; 0 = none.
+  q.exported = False  # Set by `quantize` in the workdir it writes (INT8 weights stored).
+  q.int8_dot = False  # Exported INT8 weights: INT8 x INT8 -> INT32 dots (else weight-only).
+
   # Mesh axis sizes; -1 takes the remaining devices. Model code never names these.
   c.mesh = ml_collections.ConfigDict(
       dict(data=-1, fsdp=1, tensor=1, expert=1, stage=1))
@@ -425,6 +435,23 @@ def _validate_rlhf(config: ml_collections.ConfigDict) -> None:
   _check(h.kl_target >= 0, f"rlhf.kl_target={h.kl_target} must be >= 0 (0 = fixed beta).")
 
 
+def _validate_quant(q: ml_collections.ConfigDict) -> None:
+  from dsv2_jax.quant import blocks, rules  # pylint: disable=g-import-not-at-top
+  try:
+    blocks.Layout.parse(q.block)
+  except ValueError as e:
+    raise ConfigError(f"quant.{e}".replace("quant.block ", "quant.block=", 1)) from None
+  try:
+    rules.parse(q.rules, q.block)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  for field in ("penalty_start", "penalty_end"):
+    _check(q[field] >= 0 and math.isfinite(q[field]),
+           f"quant.{field}={q[field]} must be a number >= 0 (0 = no rounding penalty).")
+  _check(not q.penalty_start or q.penalty_end > 0, "quant.penalty_end must be > 0 when "
+         f"quant.penalty_start={q.penalty_start} (the decay ends there); or set both to 0.")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks the whole config once; raises ConfigError naming the field and the fix."""
   m, d, t = config.model, config.data, config.train
@@ -510,6 +537,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
          "path (or '' to start from a fresh init).")
   _check_positive(config, "rag.passage_tokens", "rag.top_k", "rag.query_tokens")
   _validate_rlhf(config)
+  _validate_quant(config.quant)
   _check(config.eval.max_batches >= 0, "eval.max_batches must be >= 0 (0 = whole split).")
   for axis, size in config.mesh.items():
     _check(isinstance(size, int) and (size >= 1 or size == -1),

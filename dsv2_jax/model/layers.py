@@ -14,6 +14,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dsv2_jax.quant import int8_dot
+from dsv2_jax.quant.blocks import QTensor, dequantize
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 NORMS = ("rmsnorm", "layernorm")  # `Norm.kind`.
 # Large finite negative for masked attention logits: -inf gives NaN gradients on empty rows.
@@ -24,8 +27,18 @@ def dtype_of(name: str) -> jnp.dtype:
   return DTYPES[name]
 
 
-def matmul_einsum(equation: str, x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
-  """einsum in `dtype` whose products accumulate in f32 (bf16 x bf16 -> f32 -> bf16)."""
+def weight(w: jax.Array | QTensor, dtype: jnp.dtype) -> jax.Array:
+  """A parameter as a float array in `dtype`: an INT8 `QTensor` (an exported run, see
+  dsv2_jax/quant) is dequantized here, where the layer uses it."""
+  return dequantize(w, dtype) if isinstance(w, QTensor) else w.astype(dtype)
+
+
+def matmul_einsum(equation: str, x: jax.Array, w: jax.Array | QTensor, dtype: jnp.dtype
+                  ) -> jax.Array:
+  """einsum in `dtype` whose products accumulate in f32 (bf16 x bf16 -> f32 -> bf16).
+  An INT8 weight runs weight-only or as INT8 x INT8 dots (`quant.int8_dot.einsum`)."""
+  if isinstance(w, QTensor):
+    return int8_dot.einsum(equation, x, w, dtype)
   out = jnp.einsum(equation, x.astype(dtype), w.astype(dtype),
                    preferred_element_type=jnp.float32)
   return out.astype(dtype)
@@ -97,6 +110,8 @@ class Embedder(nn.Module):
 
   def encode(self, tokens: jax.Array) -> jax.Array:
     """tokens: int [...] -> [..., D]."""
+    if isinstance(self.embedding, QTensor):
+      return jnp.take(weight(self.embedding, self.dtype), tokens, axis=0)
     return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
 
   def decode(self, x: jax.Array) -> jax.Array:

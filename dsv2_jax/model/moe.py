@@ -24,7 +24,7 @@ import ml_collections
 
 from dsv2_jax.model import moe_parallel
 from dsv2_jax.model.ffn import ACTIVATIONS, FeedForward, is_gated
-from dsv2_jax.model.layers import Einsum, dtype_of
+from dsv2_jax.model.layers import Einsum, dtype_of, weight
 
 BALANCE_BIAS = "balance_bias"  # Router parameter name, updated by the train step.
 ASSIGNMENT_FRACTION = "assignment_fraction"  # Its sown statistic (fraction per expert).
@@ -72,7 +72,7 @@ class Router(nn.Module):
     w_out = self.param("gate_out", nn.with_logical_partitioning(
         nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
         ("gate_mlp", "expert")), (gh, e), dtype_of(cfg.param_dtype))
-    logits = jnp.dot(h.astype(jnp.float32), w_out.astype(jnp.float32))
+    logits = jnp.dot(h.astype(jnp.float32), weight(w_out, jnp.float32))
     probs = jax.nn.softmax(logits, axis=-1)
     select = probs
     if moe.balance_bias_rate > 0:
@@ -116,6 +116,8 @@ class MoEFeedForward(nn.Module):
                       param_dtype)
     w_out = self.param("w_out", nn.with_logical_partitioning(
         init(1), ("expert", "expert_mlp", "embed")), (e, f, d), param_dtype)
+    # INT8 experts (an exported run) are dequantized here, per layer: weight-only.
+    w_in, w_out = weight(w_in, param_dtype), weight(w_out, param_dtype)
     # Expert-parallel (all-to-all) when the mesh splits the experts, else one device's.
     y, plan = moe_parallel.mesh_routed_ffn(
         x, expert_idx, weights, w_in, w_out, act=ACTIVATIONS[cfg.activation], gated=gated,

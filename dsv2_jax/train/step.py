@@ -17,6 +17,7 @@ import optax
 from jax.sharding import Mesh
 
 from dsv2_jax.parallel import microbatch, sharding
+from dsv2_jax.quant.qat import QAT
 from dsv2_jax.rlhf import reward
 from dsv2_jax.train import moe_stats
 from dsv2_jax.train.state import TrainState
@@ -60,7 +61,9 @@ def loss_sum(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None 
 
 
 def batch_grads(params: Any, batch: Batch, rng: jax.Array, *, model: nn.Module,
-                accum_steps: int = 1) -> tuple[Any, jax.Array, dict[str, jax.Array], Any]:
+                accum_steps: int = 1, qat: QAT | None = None,
+                penalty_weight: jax.Array | float = 0.0
+                ) -> tuple[Any, jax.Array, dict[str, jax.Array], Any]:
   """Gradients of the mean loss of `batch` (`loss_sum` / its summed weights).
 
   An MoE model adds its weighted auxiliary losses to the objective; the returned loss
@@ -73,6 +76,10 @@ def batch_grads(params: Any, batch: Batch, rng: jax.Array, *, model: nn.Module,
   computed from its own routing: the balancing loss, a product of batch means, then
   differs from the full batch's. Sown statistics combine as `microbatch.reduce_stats`.
 
+  With `qat` (quantization-aware training) the model runs on `qat.weights(params)`
+  (rounded forward, straight-through backward) and the objective adds
+  `penalty_weight * qat.penalty(params)`, once per batch (`quant/penalty` in the metrics).
+
   Returns:
     (grads, loss, moe_metrics, intermediates).
   """
@@ -81,8 +88,13 @@ def batch_grads(params: Any, batch: Batch, rng: jax.Array, *, model: nn.Module,
 
   def grads_of(micro: Batch, micro_rng: jax.Array):
     def loss_fn(params):
-      nll_sum, intermediates = loss_sum(model, params, micro, micro_rng)
+      used = params if qat is None else qat.weights(params)
+      nll_sum, intermediates = loss_sum(model, used, micro, micro_rng)
       aux, moe_metrics = moe_stats.aux_loss_and_metrics(intermediates, moe)
+      if qat is not None:
+        penalty = qat.penalty(params)
+        aux = aux + penalty_weight * penalty
+        moe_metrics = {**moe_metrics, "quant/penalty": penalty}
       loss = nll_sum / jnp.maximum(count, 1.0)
       return loss + aux / accum_steps, (loss, moe_metrics, intermediates)
     (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -107,7 +119,8 @@ def batch_grads(params: Any, batch: Batch, rng: jax.Array, *, model: nn.Module,
 
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
                tx: optax.GradientTransformation, accum_steps: int = 1,
-               skip_non_finite: bool = True) -> tuple[TrainState, dict[str, jax.Array]]:
+               skip_non_finite: bool = True, qat: QAT | None = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the mean token loss of `batch` (see `batch_grads`).
 
   Non-finite guard: when the loss or the gradient norm is not finite, the update is
@@ -119,8 +132,12 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
   `skip_non_finite=False` drops the guard (its cost: experiments/guard_overhead.py).
   """
   rng, dropout_rng = jax.random.split(state.rng)
+  penalty_weight = 0.0 if qat is None else qat.penalty_weight(state.step)
   grads, loss, moe_metrics, intermediates = batch_grads(
-      state.params, batch, dropout_rng, model=model, accum_steps=accum_steps)
+      state.params, batch, dropout_rng, model=model, accum_steps=accum_steps, qat=qat,
+      penalty_weight=penalty_weight)
+  if qat is not None:
+    moe_metrics = {**moe_metrics, "quant/lambda": jnp.asarray(penalty_weight, jnp.float32)}
   grad_norm = optax.global_norm(grads)
 
   def apply_update(params_and_opt_state):
@@ -151,14 +168,15 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
 
 
 def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
-                   state_shardings: Any, accum_steps: int = 1, skip_non_finite: bool = True):
+                   state_shardings: Any, accum_steps: int = 1, skip_non_finite: bool = True,
+                   qat: QAT | None = None):
   """`train_step` compiled with explicit shardings; the input state is donated.
 
   The step is traced under the activation rules, so the model's activation constraints
   shard on `mesh` too (`sharding.activation_rules`).
   """
   step = functools.partial(train_step, model=model, tx=tx, accum_steps=accum_steps,
-                           skip_non_finite=skip_non_finite)
+                           skip_non_finite=skip_non_finite, qat=qat)
   return jax.jit(sharding.with_activation_rules(step, mesh),
                  in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),

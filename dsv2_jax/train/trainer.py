@@ -50,6 +50,7 @@ from dsv2_jax.infer.generate import generate
 from dsv2_jax.model import flops
 from dsv2_jax.model.transformer import build_model
 from dsv2_jax.parallel import sharding
+from dsv2_jax.quant import qat as qat_lib
 from dsv2_jax.train import evaluate as evaluate_lib
 from dsv2_jax.train import stages
 from dsv2_jax.train.checkpoint import Checkpointer
@@ -152,6 +153,23 @@ class Run:
     self.tx = build_optimizer(config.train)
     self.checkpointer = Checkpointer(self.workdir / "checkpoints", config.train.max_checkpoints,
                                      config.train.async_checkpointing)
+    # quant.rules: the run's quantization plan. Training under it is QAT; a workdir
+    # written by `quantize` (quant.exported) stores the INT8 weights themselves.
+    self.quant = None
+    if config.quant.rules:
+      boxed = abstract_state(self.model, self.tx, config.data.seq_len).params
+      try:
+        self.quant = qat_lib.from_config(config, boxed)
+      except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
+    self.qat = None if config.quant.exported else self.quant
+    if self.qat is not None:
+      self._rounded = jax.jit(self.qat.weights)
+
+  def deployed(self, params: Any) -> Any:
+    """`params` as the model is evaluated and used: a QAT run's weights rounded as
+    `quant.rules` stores them (what `quantize` exports), else unchanged."""
+    return params if self.qat is None else self._rounded(params)
 
   def initial_state(self, set_aside_unreadable: bool = False
                     ) -> tuple[TrainState, Any, dict[str, Any] | None]:
@@ -185,19 +203,29 @@ class Run:
     return state, shardings, data_state
 
   def trained_params(self) -> tuple[Any, Any, int]:
-    """(params, param_shardings, step) of the newest checkpoint, for eval and generate.
+    """(params, param_shardings, step) of the newest checkpoint, for eval and generate
+    (`deployed`: a QAT run's weights come back rounded).
 
     A PPO / DPO run's checkpoint holds an RLState: its policy is read (params only),
     without a shared value head (build this Run with `model.head='lm'`, see
     `inference_config`).
     """
+    if self.config.quant.exported:
+      return self._exported_params()
     if self.config.rlhf.algorithm == "none":
       state, shardings, _ = self.initial_state()
-      return state.params, shardings.params, int(state.step)
+      return self.deployed(state.params), shardings.params, int(state.step)
     boxed = abstract_state(self.model, self.tx, self.config.data.seq_len).params
     shardings = sharding.logical_shardings(boxed, self.mesh)
     params, record = stages.init_params(str(self.workdir), nn.meta.unbox(boxed), shardings)
     return params, shardings, record["step"]
+
+  def _exported_params(self) -> tuple[Any, Any, int]:
+    """The INT8 / low-precision weights a `quantize` workdir stores (quant.exported)."""
+    from dsv2_jax.quant import export  # pylint: disable=g-import-not-at-top
+    boxed = abstract_state(self.model, self.tx, self.config.data.seq_len).params
+    return export.restore(self.checkpointer, self.quant, boxed, self.mesh,
+                          self.config.quant.int8_dot)
 
   def sample_window(self) -> tuple[int, int]:
     """(window, stride) of generation: sample.window or model.max_seq_len, and
@@ -354,7 +382,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   # 4) Compile the steps once, with explicit shardings; the old state is donated.
   step_fn = jit_train_step(run.model, run.tx, run.mesh, state_shardings,
-                           train_cfg.grad_accum_steps)
+                           train_cfg.grad_accum_steps, qat=run.qat)
   eval_fn = evaluate_lib.make_eval_fn(run.model, run.tokenizer, run.mesh,
                                       state_shardings.params)
   schedule = learning_rate_schedule(train_cfg)
@@ -362,8 +390,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   flops_per_token = flops.train_flops_per_token(config.model, config.data.seq_len)
 
   def run_eval(step: int, max_batches: int) -> dict[str, float]:
-    result = evaluate_lib.evaluate(eval_fn, state.params, config, run.tokenizer, run.mesh,
-                                   max_batches)
+    result = evaluate_lib.evaluate(eval_fn, run.deployed(state.params), config, run.tokenizer,
+                                   run.mesh, max_batches)
     writer.write(step, result, prefix="eval_")
     return result
 
@@ -397,7 +425,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       record = {"loss": m["loss"], "grad_norm": m["grad_norm"],
                 "learning_rate": float(schedule(applied_before)),  # Skips do not count.
                 "skipped_steps": m["skipped_steps"],
-                **{k: v for k, v in m.items() if k.startswith("moe/")}}
+                **{k: v for k, v in m.items() if k.startswith(("moe/", "quant/"))}}
       if s == step:
         record.update(tokens_per_s=tokens_per_s,
                       model_tflops_per_s=tokens_per_s * flops_per_token / 1e12)
@@ -463,7 +491,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   if lead:
     (workdir / "eval.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
   if s.max_new_tokens > 0 and config.model.head == "lm":  # Every process generates.
-    text = run.sample(state.params, s.prompt, s.max_new_tokens, s.temperature, s.top_k,
+    text = run.sample(run.deployed(state.params), s.prompt, s.max_new_tokens, s.temperature, s.top_k,
                       config.seed, s.top_p)
     if lead:
       (workdir / "sample.txt").write_text(text + "\n", encoding="utf-8")
