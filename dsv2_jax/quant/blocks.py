@@ -179,8 +179,14 @@ def round_trip(w: jax.Array, names: Sequence[str | None], layout: Layout) -> jax
 
 
 def fake_quantize(w: jax.Array, names: Sequence[str | None], layout: Layout) -> jax.Array:
-  """Round(W) forward, identity backward (the straight-through estimator)."""
-  return w + jax.lax.stop_gradient(round_trip(w, names, layout) - w)
+  """Round(W) forward (exactly: sg(Round(W)) + (W - sg(W)) adds an exact 0), identity
+  backward (the straight-through estimator)."""
+  return straight_through(w, round_trip(w, names, layout))
+
+
+def straight_through(w: jax.Array, rounded: jax.Array) -> jax.Array:
+  """`rounded` in the forward pass, the gradient of `w` in the backward pass."""
+  return jax.lax.stop_gradient(rounded) + (w - jax.lax.stop_gradient(w))
 
 
 def rounding_error(w: jax.Array, names: Sequence[str | None], layout: Layout) -> jax.Array:

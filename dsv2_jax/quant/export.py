@@ -8,7 +8,8 @@ trained. Its config has `quant.exported = True`, so `eval` and `generate` read i
 `quantized.json` reports bytes per tensor group against f32 and bf16.
 
 A run trained without `quant.rules` gives post-training quantization (PTQ); a QAT run
-gives the weights its forward pass already used (rounding is idempotent: same integers).
+gives exactly the weights its forward pass used (the same rounding of the same master
+weights).
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def export(source: str | pathlib.Path, out: str | pathlib.Path, rules: str | Non
     raise QuantizeError(f"{source} has no checkpoint yet: train it first.")
   if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
     raise QuantizeError(f"--out {out} already holds checkpoints; choose a new directory.")
-  params, _, step = run.trained_params()
+  params, _, step = run.trained_params(rounded=False)  # The float master weights.
   stored = jax.jit(lambda p: run.quant.store(p, int8_dot))(params)
   trainer.prepare_workdir(out.resolve())
   out = out.resolve()

@@ -25,7 +25,7 @@ from dsv2_jax.quant import blocks, rules as rules_lib
 
 def _round_float(w: jax.Array, dtype: jnp.dtype) -> jax.Array:
   """`w` rounded to `dtype` forward, identity backward."""
-  return w + jax.lax.stop_gradient(w.astype(dtype).astype(w.dtype) - w)
+  return blocks.straight_through(w, w.astype(dtype).astype(w.dtype))
 
 
 class QAT:

@@ -202,9 +202,9 @@ class Run:
     logging.info("Restored step %d from %s", step, self.checkpointer.directory)
     return state, shardings, data_state
 
-  def trained_params(self) -> tuple[Any, Any, int]:
+  def trained_params(self, rounded: bool = True) -> tuple[Any, Any, int]:
     """(params, param_shardings, step) of the newest checkpoint, for eval and generate
-    (`deployed`: a QAT run's weights come back rounded).
+    (`deployed` unless not `rounded`: a QAT run's weights come back rounded).
 
     A PPO / DPO run's checkpoint holds an RLState: its policy is read (params only),
     without a shared value head (build this Run with `model.head='lm'`, see
@@ -214,7 +214,8 @@ class Run:
       return self._exported_params()
     if self.config.rlhf.algorithm == "none":
       state, shardings, _ = self.initial_state()
-      return self.deployed(state.params), shardings.params, int(state.step)
+      params = self.deployed(state.params) if rounded else state.params
+      return params, shardings.params, int(state.step)
     boxed = abstract_state(self.model, self.tx, self.config.data.seq_len).params
     shardings = sharding.logical_shardings(boxed, self.mesh)
     params, record = stages.init_params(str(self.workdir), nn.meta.unbox(boxed), shardings)
