@@ -8,6 +8,8 @@
             --workdir DIR [--eval_dataset NAME] [--eval_split SPLIT] [--json]
             [--text FILE ...] [--window W --stride S] [--rag INDEX]  (sliding windows:
             every token scored once with >= W - S tokens of context)
+            [--experts_keep M [--expert_profile DATASET]]  (MoE: only the M experts per
+            layer DATASET's train split uses most; also for generate)
   generate  continue a prompt with a run's latest checkpoint (KV-cache sampling; past the
             window, the window rolls forward by the stride and is recomputed)
             --workdir DIR --prompt TEXT [--max_new_tokens N --temperature T --top_k K
@@ -84,6 +86,14 @@ _RAG = flags.DEFINE_string("rag", None, "eval/generate: retrieval index (a name 
                            "WORKDIR/rag/ from the index command, or a folder).")
 _JSON = flags.DEFINE_bool("json", False, "info/eval/quantize: print JSON only.")
 _OUT = flags.DEFINE_string("out", None, "quantize: the new workdir to write.")
+_EXPERTS_KEEP = flags.DEFINE_integer(
+    "experts_keep", None, "eval/generate of an MoE run: keep only the M experts per layer "
+    "that --expert_profile's data uses most (the gate renormalised over them).")
+_EXPERT_PROFILE = flags.DEFINE_string(
+    "expert_profile", None, "eval/generate --experts_keep: the dataset whose train split "
+    "is profiled (default: the run's data.dataset).")
+_PROFILE_BATCHES = flags.DEFINE_integer("profile_batches", 16, "--experts_keep: batches "
+                                        "of eval.batch_size rows profiled.")
 _RULES = flags.DEFINE_string("rules", None, "quantize: quant.rules, MODULE=FORMAT,... "
                              "(default: the run's own, else ffn=int8[,experts=int8]).")
 _BLOCK = flags.DEFINE_string("block", None, "quantize: quant.block (4x4, RxC, channel, "
@@ -162,6 +172,50 @@ def _open_run(need_checkpoint: bool = True):
   return config, run
 
 
+def _trained_params(config, run):
+  """(params, param_shardings, step) of the run, with only the experts --experts_keep
+  keeps (then `run.model` and config.model are the smaller model's)."""
+  if _EXPERTS_KEEP.value is None:
+    if _EXPERT_PROFILE.value:
+      raise UsageError("--expert_profile goes with --experts_keep M.")
+    return run.trained_params()
+  # pylint: disable=g-import-not-at-top
+  from dsv2_jax.data import pipeline
+  from dsv2_jax.infer import expert_selection
+  from dsv2_jax.model.transformer import build_model
+  from dsv2_jax.parallel import sharding
+  from dsv2_jax.train.state import abstract_state
+  if config.quant.exported:
+    raise UsageError("--experts_keep reads float weights; select experts on the run itself "
+                     "(the quantized export's source, see its parent.json).")
+  try:
+    kept_cfg = expert_selection.kept_model_config(config.model, _EXPERTS_KEEP.value)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+  if _PROFILE_BATCHES.value < 1:
+    raise UsageError(f"--profile_batches={_PROFILE_BATCHES.value} must be >= 1.")
+  data = ml_collections.ConfigDict(config.data.to_dict())
+  data.update(dataset=_EXPERT_PROFILE.value or data.dataset, eval_split="train")
+  batches = pipeline.eval_batches(data, run.tokenizer, config.eval.batch_size,
+                                  _PROFILE_BATCHES.value)
+  params, _, step = run.trained_params()
+  boxed = abstract_state(run.model, run.tx, config.data.seq_len).params
+  counts = expert_selection.profile(run.model, params, batches)
+  kept = expert_selection.kept_experts(counts, _EXPERTS_KEEP.value)
+  before = expert_selection.parameter_bytes(params)
+  params = expert_selection.keep_experts(params, boxed, kept)
+  config.model = kept_cfg
+  run.model = build_model(kept_cfg)
+  shardings = sharding.logical_shardings(
+      abstract_state(run.model, run.tx, config.data.seq_len).params, run.mesh)
+  params = jax.device_put(params, shardings)
+  after = expert_selection.parameter_bytes(params)
+  print(f"kept {_EXPERTS_KEEP.value} experts per layer (profiled on {data.dataset}:train, "
+        f"{_PROFILE_BATCHES.value} batches): parameters {before / 2**20:.2f} -> "
+        f"{after / 2**20:.2f} MiB", file=sys.stderr)
+  return params, shardings, step
+
+
 def _window(config, section: str, default_window: int) -> tuple[int, int]:
   """(window, stride) from the flags, else config.<section>, else the defaults."""
   from dsv2_jax.infer import sliding_window  # pylint: disable=g-import-not-at-top
@@ -208,7 +262,7 @@ def _eval() -> None:
       raise UsageError(f"--rag needs room for passages: rag.query_tokens "
                        f"({config.rag.query_tokens}) + stride ({stride}) must be < window "
                        f"({window}).")
-  params, param_shardings, step = run.trained_params()
+  params, param_shardings, step = _trained_params(config, run)
   eval_fn = evaluate.make_eval_fn(run.model, run.tokenizer, run.mesh, param_shardings)
   if not windowed:  # Packed rows of data.seq_len, as the trainer's evals.
     result = evaluate.evaluate(eval_fn, params, config, run.tokenizer, run.mesh)
@@ -275,7 +329,7 @@ def _generate() -> None:
     context = augmented.ids
     for passage, score in hits[:augmented.num_passages]:
       print(f"retrieved {passage.doc_id}#{passage.index} (BM25 {score:.2f})", file=sys.stderr)
-  params, _, _ = run.trained_params()
+  params, _, _ = _trained_params(config, run)
   print(run.sample(params, prompt, max_new, temperature, top_k, _SEED.value, top_p,
                    window, context))
 

@@ -242,6 +242,7 @@ def default_config() -> ml_collections.ConfigDict:
   q.block = "4x4"  # One INT8 scale per block: RxC (contracted x output), channel, tensor.
   q.penalty_start = 0.1  # lambda of the rounding penalty sum ||Round(W) - W||^2 decays
   q.penalty_end = 0.01  # exponentially from penalty_start to penalty_end; 0 = none.
+  q.engine = "ours"  # QAT by: ours (any block, the penalty) | qwix (channel / Kx1 tiles).
   q.exported = False  # Set by `quantize` in the workdir it writes (INT8 weights stored).
   q.int8_dot = False  # Exported INT8 weights: INT8 x INT8 -> INT32 dots (else weight-only).
 
@@ -441,8 +442,12 @@ def _validate_quant(q: ml_collections.ConfigDict) -> None:
     blocks.Layout.parse(q.block)
   except ValueError as e:
     raise ConfigError(f"quant.{e}".replace("quant.block ", "quant.block=", 1)) from None
+  _check_choice(q.engine, "quant.engine", ("ours", "qwix"))
   try:
-    rules.parse(q.rules, q.block)
+    parsed = rules.parse(q.rules, q.block)
+    if q.engine == "qwix":
+      from dsv2_jax.quant import qwix_baseline  # pylint: disable=g-import-not-at-top
+      qwix_baseline.check(parsed)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   for field in ("penalty_start", "penalty_end"):

@@ -85,10 +85,9 @@ def bytes_report(params: Any, stored: Any, plan: rules_lib.Plan) -> dict[str, An
     g["f32_bytes"] += int(w.size) * 4
     g["bf16_bytes"] += int(w.size) * 2
     g["stored_bytes"] += int(s.nbytes)
-    if isinstance(s, blocks.QTensor):
-      g["format"] = f"int8 ({'x'.join(map(str, s.block))} blocks)"
-    else:
-      g.setdefault("format", str(np.dtype(s.dtype)))
+    entry = plan.rule_of(path)
+    g.setdefault("format", f"int8 {entry[0].layout} blocks" if isinstance(s, blocks.QTensor)
+                 else str(np.dtype(s.dtype)))
   total = {k: sum(g[k] for g in groups.values())
            for k in ("params", "f32_bytes", "bf16_bytes", "stored_bytes")}
   for g in [*groups.values(), total]:

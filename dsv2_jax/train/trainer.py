@@ -163,6 +163,11 @@ class Run:
       except ValueError as e:
         raise config_lib.ConfigError(str(e)) from None
     self.qat = None if config.quant.exported else self.quant
+    if self.qat is not None and config.quant.engine == "qwix":  # The library baseline.
+      from dsv2_jax.quant import qwix_baseline  # pylint: disable=g-import-not-at-top
+      self.model = qwix_baseline.wrap(self.model, qat_lib.rules_lib.parse(
+          config.quant.rules, config.quant.block))
+      self.qat = None  # The wrapped model rounds its own weights.
     if self.qat is not None:
       self._rounded = jax.jit(self.qat.weights)
 
