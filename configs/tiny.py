@@ -37,9 +37,18 @@ reward model (--reward_from):
       --init_from runs/tiny_small --workdir runs/reward
   python -m dsv2_jax train --config configs/tiny.py:stage=ppo --init_from runs/sft \
       --reward_from runs/reward --workdir runs/ppo
+
+Quantization (docs/quantization.md): `stage=qat` fine-tunes a finished run under INT8
+rounding (FFN / experts in 4x4 blocks, attention FP16, the rounding penalty 0.1 -> 0.01),
+then `quantize` stores the INT8 weights that eval and generate read:
+  python -m dsv2_jax train --config configs/tiny.py:stage=qat --init_from runs/tiny \
+      --workdir runs/tiny_qat
+  python -m dsv2_jax quantize --workdir runs/tiny_qat --out runs/tiny_int8
+`quant=`, `block=` and `penalty=` change the rules (e.g. block=channel, penalty=0).
 """
 
 from dsv2_jax import config as config_lib
+from dsv2_jax.quant import rules as quant_rules
 
 GATE_HIDDEN = 64  # Hidden width of the MoE gate of `moe=ExK` (2-layer MLP).
 
@@ -96,6 +105,9 @@ STAGES = {
                 dataset="rotten_tomatoes"),
     "dpo": dict(steps=300, seq_len=128, batch_size=32, rope="none", packing="concat",
                 dataset="rotten_tomatoes"),
+    # Quantization-aware training of a finished run (--init_from), on stage 1's data.
+    "qat": dict(steps=200, seq_len=STAGE1_SEQ_LEN, batch_size=16, rope="none",
+                packing="concat"),
 }
 
 
@@ -128,6 +140,12 @@ def get_config(arg: str | None = None):
       moe="",
       lossfree=False,  # MoE balanced by DeepSeek-V3's bias (rate 1e-3) instead of the aux loss.
       remat="none",  # model.remat_policy; any policy but none also rolls the scan (unroll 1).
+      # quant.rules (docs/quantization.md), MODULE=FORMAT joined by '+' (',' separates
+      # arguments), e.g. quant=ffn=int8+attention=fp16; '' = none, except stage=qat's
+      # default (the article's advice: FFN / experts INT8, attention FP16).
+      quant="",
+      block="4x4",  # quant.block: RxC, channel or tensor.
+      penalty=0.1,  # quant.penalty_start (decays to a tenth of it); 0 = no penalty.
   )
   if args.stage not in STAGES:
     raise config_lib.ConfigError(f"config argument stage={args.stage} is not built; choose "
@@ -193,6 +211,14 @@ def get_config(arg: str | None = None):
     c.rlhf.update(algorithm=args.stage, batch_size=args.batch_size)
     c.train.update(learning_rate=1e-4, warmup_steps=0, log_every=1, eval_every=10,
                    checkpoint_every=10)
+  quant = args.quant.replace("+", ",")
+  if args.stage == "qat":
+    quant = quant or quant_rules.default_rules(c.model)
+    # Fine-tuning a pretrained model under rounding, as stage 2: a lower peak.
+    c.train.update(learning_rate=1e-3, warmup_steps=min(10, args.steps), eval_every=50,
+                   checkpoint_every=50, log_every=10)
+  c.quant.update(rules=quant, block=args.block, penalty_start=args.penalty,
+                 penalty_end=args.penalty / 10)
   if args.stage == "2":
     # Adaptation, not pretraining: a 3x lower peak after a short warmup (the PI paper
     # fine-tunes at ~1/10 of the pretraining rate), and evals of 64k tokens.

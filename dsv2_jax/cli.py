@@ -95,7 +95,8 @@ _EXPERT_PROFILE = flags.DEFINE_string(
 _PROFILE_BATCHES = flags.DEFINE_integer("profile_batches", 16, "--experts_keep: batches "
                                         "of eval.batch_size rows profiled.")
 _RULES = flags.DEFINE_string("rules", None, "quantize: quant.rules, MODULE=FORMAT,... "
-                             "(default: the run's own, else ffn=int8[,experts=int8]).")
+                             "(default: the run's own, else the article's advice: FFN and experts int8, "
+                             "attention fp16).")
 _BLOCK = flags.DEFINE_string("block", None, "quantize: quant.block (4x4, RxC, channel, "
                              "tensor; default: the run's own).")
 _INT8_DOT = flags.DEFINE_bool("int8_dot", None, "quantize/eval/generate: multiply INT8 "

@@ -36,11 +36,6 @@ class QuantizeError(ValueError):
   """Bad input to `quantize` (a missing run, an output that already holds one)."""
 
 
-def default_rules(model: ml_collections.ConfigDict) -> str:
-  """The article's advice: FFN (and routed experts) in INT8, attention left as trained."""
-  return "ffn=int8,experts=int8" if model.moe.num_experts else "ffn=int8"
-
-
 def stored_abstract(quant: QAT, abstract_params: Any, int8_dot: bool) -> Any:
   """Shapes and dtypes of `quant.store(params)` (QTensor leaves where INT8)."""
   return jax.eval_shape(lambda p: quant.store(p, int8_dot), abstract_params)
@@ -104,7 +99,7 @@ def export(source: str | pathlib.Path, out: str | pathlib.Path, rules: str | Non
   """Writes the quantized workdir `out` from the run at `source`; returns the report.
 
   rules / block: `quant.rules` / `quant.block` (default: the run's own, else
-  `default_rules`). Raises ConfigError / QuantizeError / CheckpointError (bad input)
+  `rules.default_rules`). Raises ConfigError / QuantizeError / CheckpointError (bad input)
   before anything is written to `out`.
   """
   # pylint: disable=g-import-not-at-top
@@ -115,7 +110,7 @@ def export(source: str | pathlib.Path, out: str | pathlib.Path, rules: str | Non
     raise QuantizeError(f"{source} is already a quantized export; quantize the run it came "
                         "from (see its parent.json).")
   q = config.quant
-  q.rules = rules or q.rules or default_rules(config.model)
+  q.rules = rules or q.rules or rules_lib.default_rules(config.model)
   q.block = block or q.block
   config_lib.validate(config)
   run = trainer.Run(config, source)

@@ -56,6 +56,19 @@ class Rule:
         f"{self.module}={self.kind}"
 
 
+def default_rules(model: Any) -> str:
+  """The article's advice for `model` (a model config section): FFN weights (dense and
+  shared experts, routed experts) in INT8 blocks, attention projections in FP16;
+  embedding, head and router as trained."""
+  moe = model.moe
+  parts = []
+  if not moe.num_experts or moe.first_dense_layers or moe.num_shared_experts:
+    parts.append("ffn=int8")
+  if moe.num_experts:
+    parts.append("experts=int8")
+  return ",".join(parts + ["attention=fp16"])
+
+
 def parse(text: str, default_block: str) -> tuple[Rule, ...]:
   """The rules of `quant.rules` ('' = none); ValueError naming the bad part and the fix."""
   rules = []

@@ -110,7 +110,7 @@ def test_post_training_quantization_of_a_float_run(tmp_path, data_dir):
   c.train.update(steps=2, checkpoint_every=0)
   trainer.train_and_evaluate(c, tmp_path / "run")
   report = export.export(tmp_path / "run", tmp_path / "ptq", block="channel", int8_dot=True)
-  assert report["rules"] == "ffn=int8" and report["groups"]["ffn"]["f32_over_stored"] > 3.5  # 1 + 4 / K bytes
+  assert report["rules"] == "ffn=int8,attention=fp16" and report["groups"]["ffn"]["f32_over_stored"] > 3.5  # 1 + 4 / K bytes
   run = trainer.Run(trainer.load_config(tmp_path / "ptq"), tmp_path / "ptq")
   params, _, _ = run.trained_params()
   assert params["layers"]["ffn"]["down"]["w"].dot == "int8"
