@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
     "tqdm>=4.60",
     "bm25s>=0.2.0",  # BM25 retrieval for RAG (numpy + scipy only)
+    "qwix>=0.1.8",  # INT8 rounding (qwix.quantize) and the qwix QAT baseline
 ]
 
 EXTRAS_REQUIRE = {

@@ -143,8 +143,9 @@ def get_config(arg: str | None = None):
       # quant.rules (docs/quantization.md), MODULE=FORMAT joined by '+' (',' separates
       # arguments), e.g. quant=ffn=int8+attention=fp16; '' = none, except stage=qat's
       # default (the article's advice: FFN / experts INT8, attention FP16).
-      quant="",
+      quant="",  # 'none': no quantization, stage=qat included (its float control).
       block="4x4",  # quant.block: RxC, channel or tensor.
+      engine="ours",  # quant.engine: ours | qwix (the library's QAT, channel / Kx1 only).
       penalty=0.1,  # quant.penalty_start (decays to a tenth of it); 0 = no penalty.
   )
   if args.stage not in STAGES:
@@ -212,13 +213,15 @@ def get_config(arg: str | None = None):
     c.train.update(learning_rate=1e-4, warmup_steps=0, log_every=1, eval_every=10,
                    checkpoint_every=10)
   quant = args.quant.replace("+", ",")
+  if args.stage == "qat" and not quant:
+    quant = quant_rules.default_rules(c.model)
+  quant = "" if quant == "none" else quant
   if args.stage == "qat":
-    quant = quant or quant_rules.default_rules(c.model)
     # Fine-tuning a pretrained model under rounding, as stage 2: a lower peak.
     c.train.update(learning_rate=1e-3, warmup_steps=min(10, args.steps), eval_every=50,
                    checkpoint_every=50, log_every=10)
   c.quant.update(rules=quant, block=args.block, penalty_start=args.penalty,
-                 penalty_end=args.penalty / 10)
+                 penalty_end=args.penalty / 10, engine=args.engine)
   if args.stage == "2":
     # Adaptation, not pretraining: a 3x lower peak after a short warmup (the PI paper
     # fine-tunes at ~1/10 of the pretraining rate), and evals of 64k tokens.

@@ -88,3 +88,20 @@ def test_stage3_experiments_quick_runs(tmp_path, data_dir):
                   "--out", str(tmp_path / "rl.json"))
   rl = json.loads((tmp_path / "rl.json").read_text())
   assert set(rl["summary"]) == {"ppo", "dpo"}
+
+
+@pytest.mark.slow
+def test_quantization_experiment_quick_runs(tmp_path, data_dir):
+  """experiments/quantization.py runs end to end (--quick; about 8 minutes): every
+  variant is scored, the QAT exports score like their runs, the speed cases all ran."""
+  _run_experiment("experiments.quantization", "--quick", "--workdir", str(tmp_path / "q"),
+                  "--data_dir", data_dir, "--out", str(tmp_path / "q.json"))
+  q = json.loads((tmp_path / "q.json").read_text())
+  assert set(q["quality"]["dense"]["figures"]) == {
+      "f32", "qat_4x4", "qat_4x4_no_penalty", "qat_channel", "qwix_channel", "ptq_4x4",
+      "ptq_channel"}
+  assert "qwix_channel" not in q["quality"]["moe"]["figures"]
+  assert set(q["speed"]["cases"]) == {"f32", "bf16", "int8_weight_only_4x4", "int8_dot_4x4",
+                                      "int8_weight_only_channel", "int8_dot_channel"}
+  assert [r["experts_keep"] for r in q["experts"]["rows"]] == [8, 4, 2]
+  assert q["experts"]["rows"][-1]["param_bytes"] < q["experts"]["rows"][0]["param_bytes"]
