@@ -242,15 +242,41 @@ def experts(args, root, quick) -> dict[str, Any]:
   if not (base_dir / "eval.json").exists():
     raise SystemExit("the experts part needs the GMoE parent: run --parts quality first.")
   batches = QUICK["eval_batches"] if quick else 0
+  counts = {domain: profile_counts(base_dir, dataset)
+            for domain, dataset in (("in_domain", "wiki_excerpt"), ("out_of_domain", "lee_news"))}
   out = []
   for keep in (QUICK["keep"] if quick else KEEP):
     row = {"experts_keep": keep}
+    # Share of the top-k picks that land on the kept experts (chosen on in-domain data).
+    kept = es_kept(counts["in_domain"], keep)
+    for domain, c in counts.items():
+      row[f"{domain}_pick_share"] = float(np.mean([
+          np.take_along_axis(c[p], kept[p], -1).sum(-1) / c[p].sum(-1) for p in c]))
     for domain, dataset in (("in_domain", "wiki_excerpt"), ("out_of_domain", "lee_news")):
       r = evaluate_workdir(base_dir, dataset=dataset, experts_keep=keep, max_batches=batches)
       row[domain] = r["bits_per_byte"]
       row.update(param_bytes=r["param_bytes"], full_bytes=r["full_bytes"])
     out.append(row)
   return {"profiled_on": "wiki_excerpt:train (16 batches of 32 x 128 tokens)", "rows": out}
+
+
+def profile_counts(workdir, dataset: str) -> dict[str, np.ndarray]:
+  """Expert selection counts of a run on `dataset`'s train split (16 batches)."""
+  # pylint: disable=g-import-not-at-top
+  from dsv2_jax.data import pipeline
+  from dsv2_jax.infer import expert_selection
+  from dsv2_jax.train import trainer
+  config = trainer.load_config(workdir)
+  run = trainer.Run(config, workdir)
+  params, _, _ = run.trained_params()
+  data = ml_collections_copy(config.data, dataset=dataset, eval_split="train")
+  return expert_selection.profile(run.model, params, pipeline.eval_batches(
+      data, run.tokenizer, config.eval.batch_size, 16))
+
+
+def es_kept(counts, keep):
+  from dsv2_jax.infer import expert_selection  # pylint: disable=g-import-not-at-top
+  return expert_selection.kept_experts(counts, keep)
 
 
 def plot(result: dict[str, Any], png: str) -> None:
