@@ -1,7 +1,9 @@
 """DSA vs dense attention: time, FLOPs and memory against sequence length, in one run.
 
-Implementations, on the same random q/k/v (B = 1, N = 8 heads, H = 64, f32):
+Implementations, on the same random q/k/v (B = 1, N = 8 heads, H = 64; f32 unless --dtype):
   dense           XLA causal attention (`jax.nn.dot_product_attention`, implementation='xla')
+  dense_cudnn     the same with implementation='cudnn' (GPU only, --dtype bfloat16): cuDNN's
+                  fused FlashAttention-class kernel; recorded as skipped elsewhere
   sliding_window  DSA with a global budget of 0 (our blocked local window, W = 32)
   dsa_fraction    DSA, W = 32, P = 32, global budget 15% of the length (the article's p)
   dsa_log         DSA, W = 32, P = 32, global budget 16 * log2(length)
@@ -48,21 +50,28 @@ SPECS = {
     "dsa_log": dsa.DSASpec(WINDOW, BLOCK, "log", 16.0),
 }
 JAX_IMPLS = ("dense", "sliding_window", "dsa_fraction", "dsa_log")
+# cuDNN's fused (FlashAttention-class) kernel, GPU only, bf16/f16 inputs: the attention
+# the article advises, measured by experiments/accelerator_suite.sh.
+GPU_IMPLS = ("dense_cudnn",)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPE = jnp.float32  # q, k, v dtype (--dtype).
 ISOLATE_BYTES = 2 << 30
 
 
 def attention_fn(impl: str) -> Callable:
-  if impl == "dense":
+  if impl in ("dense", "dense_cudnn"):
+    kernel = "xla" if impl == "dense" else "cudnn"
     return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                        implementation="xla")
+                                                        implementation=kernel)
   return functools.partial(dsa.dsa_attention, spec=SPECS[impl])
 
 
 def compile_pair(impl: str, n: int):
   """Compiles (without running) the forward and the forward+backward at length n."""
   fn = attention_fn(impl)
-  shape = jax.ShapeDtypeStruct((B, n, N, H), jnp.float32)
-  grad = jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * q), argnums=(0, 1, 2))
+  shape = jax.ShapeDtypeStruct((B, n, N, H), DTYPE)
+  grad = jax.grad(lambda q, k, v: jnp.sum((fn(q, k, v) * q).astype(jnp.float32)),
+                  argnums=(0, 1, 2))
   return (jax.jit(fn).lower(shape, shape, shape).compile(),
           jax.jit(grad).lower(shape, shape, shape).compile())
 
@@ -73,7 +82,7 @@ def temp_bytes(compiled) -> int:
 
 def analytic_flops(impl: str, n: int) -> tuple[float, float]:
   """Executed matmul FLOPs (forward, forward+backward)."""
-  if impl in ("dense", "torch_sdpa"):
+  if impl in ("dense", "torch_sdpa", "dense_cudnn"):
     keys = n if impl == "dense" else (n + 1) / 2  # XLA:CPU computes every score.
     fwd = 4.0 * B * N * n * keys * H
     return fwd, 3.0 * fwd if impl == "dense" else 3.5 * fwd  # Flash recomputes QK^T.
@@ -87,7 +96,7 @@ def analytic_flops(impl: str, n: int) -> tuple[float, float]:
 
 def inputs(n: int, seed: int = 0):
   rng = np.random.RandomState(seed)
-  return tuple(jnp.asarray(rng.randn(B, n, N, H), jnp.float32) for _ in range(3))
+  return tuple(jnp.asarray(rng.randn(B, n, N, H), DTYPE) for _ in range(3))
 
 
 class JaxCase:
@@ -149,7 +158,8 @@ def measure(case, repeats: int, which: tuple[str, ...] = ("fwd", "fwd_bwd")) -> 
 def run_isolated(impl: str, n: int, repeats: int, which: tuple[str, ...]) -> dict[str, Any]:
   """Times one big case in a child process; a crash (e.g. out of memory) is recorded."""
   cmd = [sys.executable, "-m", "experiments.dsa_benchmark", "--single",
-         f"{impl}:{n}:{'+'.join(which)}", "--repeats", str(repeats), "--out", "-"]
+         f"{impl}:{n}:{'+'.join(which)}", "--repeats", str(repeats), "--out", "-",
+         "--dtype", jnp.dtype(DTYPE).name]
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=common.REPO)
   if proc.returncode != 0:
     return {"skipped": f"child process failed (exit {proc.returncode}): "
@@ -183,7 +193,8 @@ def plot(records: list[dict[str, Any]], path: str) -> None:
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
   axes[0].legend()
-  fig.suptitle(f"Attention cost vs n (B={B}, N={N}, H={H}, f32, {jax.devices()[0].device_kind})")
+  fig.suptitle(f"Attention cost vs n (B={B}, N={N}, H={H}, {jnp.dtype(DTYPE).name}, "
+               f"{jax.devices()[0].device_kind})")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
 
@@ -206,8 +217,12 @@ def main(argv: list[str]) -> None:
   parser.add_argument("--impls", default=",".join(JAX_IMPLS) + ",torch_sdpa",
                       help="Comma-separated subset of implementations.")
   parser.add_argument("--quick", action="store_true", help="n in {512, 2048}, 1 repeat (< 2 min).")
+  parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                      help="q/k/v dtype (dense_cudnn needs bfloat16).")
   parser.add_argument("--single", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  global DTYPE
+  DTYPE = DTYPES[args.dtype]
   if args.single:
     print(json.dumps(single(args.single, args.repeats)))
     return
@@ -215,8 +230,9 @@ def main(argv: list[str]) -> None:
     args.lengths, args.repeats = "512,2048", 1
 
   impls = [i for i in args.impls.split(",")
-           if i in JAX_IMPLS or (i == "torch_sdpa" and common.peer_available("torch")
-                                 and not args.no_torch)]
+           if i in JAX_IMPLS + GPU_IMPLS or (i == "torch_sdpa" and
+                                             common.peer_available("torch")
+                                             and not args.no_torch)]
   budget = args.memory_fraction * available_bytes()
   records = []
   for n in (int(x) for x in args.lengths.split(",")):
@@ -224,7 +240,9 @@ def main(argv: list[str]) -> None:
       fwd_flops, fwd_bwd_flops = analytic_flops(impl, n)
       record: dict[str, Any] = {"impl": impl, "seq_len": n, "flops": fwd_flops,
                                 "flops_fwd_bwd": fwd_bwd_flops}
-      if impl == "torch_sdpa":
+      if impl in GPU_IMPLS and jax.default_backend() != "gpu":
+        record["skipped"] = f"{impl} needs a GPU (backend: {jax.default_backend()})"
+      elif impl == "torch_sdpa":
         record.update(single(f"{impl}:{n}", args.repeats) if n <= 8192 else
                       run_isolated(impl, n, args.repeats, ("fwd", "fwd_bwd")))
       else:
@@ -255,13 +273,14 @@ def main(argv: list[str]) -> None:
   for n in sorted({r["seq_len"] for r in records}):
     by = {r["impl"]: r for r in records if r["seq_len"] == n}
     for impl in ("dsa_fraction", "dsa_log", "sliding_window"):
-      for ref in ("dense", "torch_sdpa"):
+      for ref in ("dense", "torch_sdpa", "dense_cudnn"):
         for key in ("fwd_ms", "fwd_bwd_ms", "temp_bytes_fwd_bwd"):
           a, b = by.get(impl, {}).get(key), by.get(ref, {}).get(key)
           if a and b:
             summary.setdefault("ratios", {}).setdefault(f"{ref}/{impl}", {})[f"{key}@{n}"] = b / a
   result = {"command": common.command("experiments.dsa_benchmark", argv),
-            "shape": {"batch": B, "heads": N, "head_dim": H, "window": WINDOW, "block": BLOCK},
+            "shape": {"batch": B, "heads": N, "head_dim": H, "window": WINDOW, "block": BLOCK,
+                      "dtype": args.dtype},
             "device": jax.devices()[0].device_kind, "records": records, "summary": summary}
   common.write(result, args.out, lambda path: plot(records, path))
 

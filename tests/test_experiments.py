@@ -53,6 +53,28 @@ def _run_experiment(*args: str) -> None:
   assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def test_accelerator_suite_dry_run(tmp_path):
+  """experiments/accelerator_suite.sh end to end at tiny sizes on this backend (DRY=1):
+  every benchmark writes its JSON with the device, the GPU-only cuDNN case is skipped
+  with its reason on a CPU."""
+  import os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  from tests.helpers import REPO  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, DRY="1", OUT=str(tmp_path), PYTHON=sys.executable)
+  proc = subprocess.run(["bash", str(REPO / "experiments" / "accelerator_suite.sh")],
+                        capture_output=True, text=True, env=env, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["files"] == ["dsa.json", "moe.json", "throughput.json"]
+  assert summary["device"] and summary["machine"]["cpu"]
+  dsa = json.loads((tmp_path / "dsa.json").read_text())
+  cudnn = [r for r in dsa["records"] if r["impl"] == "dense_cudnn"]
+  if summary["backend"] != "gpu":
+    assert cudnn and all("needs a GPU" in r["skipped"] for r in cudnn)
+  assert any(r["impl"] == "dsa_fraction" and r.get("fwd_ms") for r in dsa["records"])
+  moe = json.loads((tmp_path / "moe.json").read_text())
+  assert {r["impl"] for r in moe["records"]} >= {"moe_tiled", "moe_ragged_dot", "dense_ffn"}
+
+
 @pytest.mark.slow
 def test_long_context_rag_and_decode_speed_quick_runs(tmp_path, data_dir):
   """The issue-14 experiments still run end to end (--quick; a few minutes)."""
