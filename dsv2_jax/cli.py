@@ -25,6 +25,8 @@
             --config FILE | --workdir DIR [--json]
   plan      per-device memory of a config on a mesh (abstract compile, nothing allocated)
             --config FILE --mesh MESH [--devices N] [--device_memory_gib G] [--json]
+            or, with --latency h100|h200|tpu_v5p, one request's latency on paper under
+            TP 8, TP 8 x PP 4 and with overlap [--prompt_tokens N --new_tokens N]
 
 Exit status: 0 done (or stopped with a checkpoint: --stop_after, SIGTERM, SIGINT; rerun
 the same command to resume); 2 bad input (config file or field, flag value, data,
@@ -105,6 +107,11 @@ _INT8_DOT = flags.DEFINE_bool("int8_dot", None, "quantize/eval/generate: multipl
 _MESH = flags.DEFINE_string(
     "mesh", None, "train: replaces config.mesh; a preset (dp, fsdp, tp, dp_tp2, fsdp_tp4, "
     "dp_ep4, pp4_dp, pp2_tp2_dp) or AXIS=SIZE,... over data/fsdp/tensor/expert/stage.")
+_LATENCY = flags.DEFINE_string(
+    "latency", None, "plan: instead of memory, the inference latency model on this hardware "
+    "preset (h100, h200, tpu_v5p): TP 8, TP 8 x PP 4, with and without overlap.")
+_PROMPT_TOKENS = flags.DEFINE_integer("prompt_tokens", 2048, "plan --latency: prompt length.")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 128, "plan --latency: tokens generated.")
 _DEVICES = flags.DEFINE_integer("devices", None,
                                 "plan: total devices (fills a -1 mesh axis; default: none).")
 _DEVICE_MEMORY = flags.DEFINE_float("device_memory_gib", 0.0,
@@ -389,6 +396,9 @@ def _plan() -> None:
   import math  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   from dsv2_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
+  if _LATENCY.value:
+    _plan_latency()
+    return
   if _CONFIG.value is None or not _MESH.value:
     raise UsageError("plan needs --config FILE and --mesh (e.g. --mesh fsdp=64,tensor=8).")
   parsed = sharding.parse_mesh(_MESH.value)
@@ -400,6 +410,24 @@ def _plan() -> None:
   jax.config.update("jax_num_cpu_devices", plan.stand_in_devices(sizes))
   report = plan.plan(_CONFIG.value, sizes, _DEVICE_MEMORY.value)
   print(json.dumps(report, indent=2) if _JSON.value else plan.format_plan(report))
+
+
+def _plan_latency() -> None:
+  from dsv2_jax import latency  # pylint: disable=g-import-not-at-top
+  if _CONFIG.value is None:
+    raise UsageError("plan --latency needs --config FILE.")
+  if _LATENCY.value not in latency.PRESETS:
+    raise UsageError(f"--latency={_LATENCY.value!r} is not a hardware preset; choose one of "
+                     f"{list(latency.PRESETS)}.")
+  if _PROMPT_TOKENS.value < 1 or _NEW_TOKENS.value < 0:
+    raise UsageError("--prompt_tokens must be >= 1 and --new_tokens >= 0.")
+  config_lib.validate(_CONFIG.value)
+  try:
+    table = latency.article_table(_CONFIG.value.model, latency.PRESETS[_LATENCY.value],
+                                  _PROMPT_TOKENS.value, _NEW_TOKENS.value)
+  except ValueError as e:
+    raise UsageError(f"plan --latency: {e}") from None
+  print(json.dumps(table, indent=2) if _JSON.value else latency.format_table(table))
 
 
 def _errors() -> tuple[type[BaseException], ...]:
