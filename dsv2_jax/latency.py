@@ -13,6 +13,8 @@ PP pipeline stages (consecutive layers on different nodes):
             devices on the intra-node link (ring: 2 (n-1)/n x bytes / bandwidth + 2 (n-1)
             link latencies)
   pp comm   PP - 1 sends of the activations between stages on the inter-node link
+  head      the output head's matmul, then a ring all-gather of the vocabulary-split
+            logits over TP (`tp_collective_bytes`; checked against compiled HLO)
 
 Without overlap every term adds. With overlap the TP all-reduces hide behind the next
 layer's compute (per layer max(layer, tp comm)), and the prompt is cut into
@@ -78,6 +80,19 @@ def send_s(num_bytes: float, bandwidth: float, latency: float) -> float:
   return num_bytes / bandwidth + latency
 
 
+def tp_collective_bytes(model: ml_collections.ConfigDict, tokens: int, tensor: int,
+                        bytes_per_value: int = 2) -> dict[str, int]:
+  """Per-device result bytes of one forward pass's TP collectives, as
+  `parallel.collectives.collective_bytes` counts them in compiled HLO: 2 all-reduces of
+  [tokens, D] per layer, and the all-gather of the vocabulary-split logits [tokens, V]
+  (V padded to a multiple of TP)."""
+  if tensor <= 1:
+    return {"all-reduce": 0, "all-gather": 0}
+  vocab = -(-model.vocab_size // tensor) * tensor
+  return {"all-reduce": 2 * model.num_layers * tokens * model.d_model * bytes_per_value,
+          "all-gather": tokens * vocab * bytes_per_value}
+
+
 def _weights(model: ml_collections.ConfigDict) -> dict[str, float]:
   """Parameters per layer (attention, dense FFN, one expert, gate) and of the head."""
   d, n = model.d_model, model.num_heads
@@ -137,6 +152,10 @@ def estimate(model: ml_collections.ConfigDict, hw: Hardware, layout: Layout, tok
   act_bytes = chunk * d * bytes_per_param
   tp_comm = 2 * ring_all_reduce_s(act_bytes, tp, hw.intra_node_bytes_per_s, hw.link_latency_s)
   head = max(head_flops / tp / peak, w["head"] * bytes_per_param / tp / hbm)
+  if tp > 1:  # The vocabulary-split logits are gathered (ring all-gather).
+    logits = tp_collective_bytes(model, 1, tp, bytes_per_param)["all-gather"] * chunk
+    head += ((tp - 1) / tp * logits / hw.intra_node_bytes_per_s
+             + (tp - 1) * hw.link_latency_s)
   p2p = send_s(act_bytes, hw.inter_node_bytes_per_s, hw.link_latency_s) if pp > 1 else 0.0
 
   per_layer = max(layer, tp_comm) if layout.overlap else layer + tp_comm
