@@ -90,3 +90,17 @@ def test_tp_collective_bytes_match_the_compiled_decode_step():
   model = config_lib.from_file("configs/tiny.py").model
   got = latency.tp_collective_bytes(model, tokens=4, tensor=4, bytes_per_value=4)
   assert got == {"all-reduce": 16_384, "all-gather": 4_160}
+
+
+def test_latency_check_quick_runs(tmp_path):
+  """experiments/latency_check.py --quick: measured and predicted side by side."""
+  import json, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  from tests.helpers import REPO  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "lc.json"
+  proc = subprocess.run([sys.executable, "-m", "experiments.latency_check", "--quick",
+                         "--out", str(out)], capture_output=True, text=True, cwd=REPO,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["phase"] for r in rows] == ["prefill", "decode"]
+  assert all(r["measured_s"] > 0 and r["predicted_s"] > 0 for r in rows)
