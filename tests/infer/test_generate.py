@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv2_jax.infer.generate import filter_logits, generate, sample_token
+from dsv2_jax.infer.generate import filter_logits, generate, sample_token, unstacked
 from dsv2_jax.model.transformer import build_model
-from tests.helpers import init, small_model_config
+from tests.helpers import MOE, init, small_model_config
 
 
 def test_greedy_generation_matches_full_forward_argmax():
@@ -121,3 +121,28 @@ def test_top_p_sampling_support_and_frequencies():
   tiny = jax.vmap(lambda k: sample_token(rows, k, 1.0, 0, 1e-3))(keys[:50])
   assert (np.asarray(tiny) == np.argmax(np.asarray(rows), axis=-1)).all()
   np.testing.assert_array_equal(filter_logits(rows, 1.0, 0, 1.0), rows)
+
+
+@pytest.mark.parametrize("fields", [{}, {"moe": MOE}, {"attention": "dsa"}])
+def test_unstacked_decoding_equals_the_scanned_stack(fields):
+  """`unstacked` splits the scanned parameters per layer: the same logits, and the same
+  sampled tokens as decoding with the stack (unstack=False)."""
+  model, params, tokens = init(small_model_config(**fields), t=12, b=2)
+  flat, per_layer = unstacked(model, params)
+  assert not flat.cfg.scan_layers and "layers" not in per_layer
+  np.testing.assert_allclose(np.asarray(flat.apply({"params": per_layer}, tokens)),
+                             np.asarray(model.apply({"params": params}, tokens)),
+                             rtol=1e-5, atol=1e-5)
+  kwargs = dict(max_new_tokens=6, temperature=0.7, top_k=5)
+  a = generate(model, params, tokens, jax.random.PRNGKey(1), **kwargs)
+  b = generate(model, params, tokens, jax.random.PRNGKey(1), unstack=False, **kwargs)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_unstacked_keeps_unscanned_and_wrapped_models():
+  import qwix  # pylint: disable=g-import-not-at-top
+  model, params, _ = init(small_model_config(scan_layers=False))
+  assert unstacked(model, params)[0] is model
+  model, params, _ = init(small_model_config())
+  wrapped = qwix.quantize_model(model, qwix.QtProvider([]))
+  assert unstacked(wrapped, params)[0] is wrapped
