@@ -7,7 +7,9 @@ CPU as `Hardware` with its peak and memory bandwidth measured in the same run
 
   prefill  one forward pass over 1 x `--prompt` tokens (jitted `model.apply`);
   decode   seconds per generated token: (generate `--new` tokens - generate 8 tokens) /
-           (`--new` - 8), greedy, KV cache, after the same prompt (the prefill cancels).
+           (`--new` - 8), greedy, KV cache, after the same prompt (the prefill cancels);
+           `decode` with per-layer parameters (the default, `generate.unstacked`),
+           `decode_scanned` with the scanned stack (unstack=False).
 
 Reported: predicted / measured for each, with the model's bound (compute or memory).
 Cases are interleaved over `--rounds` rounds, median.
@@ -54,20 +56,21 @@ class Case:
     self.prompt, self.new = prompt, new
     self.forward = jax.jit(lambda p, t: self.model.apply({"params": p}, t))
     self.forward(self.params, self.tokens).block_until_ready()
-    self.gens = {n: self._generate(n) for n in (8, new)}
+    self.gens = {(n, u): self._generate(n, u) for n in (8, new) for u in (True, False)}
 
-  def _generate(self, n: int):
+  def _generate(self, n: int, unstack: bool):
     run = lambda: np.asarray(generate(self.model, self.params, self.tokens,  # noqa: E731
                                       jax.random.PRNGKey(0), max_new_tokens=n,
-                                      temperature=0.0))
+                                      temperature=0.0, unstack=unstack))
     run()
     return run
 
   def prefill_s(self) -> float:
     return common.timed(lambda: self.forward(self.params, self.tokens).block_until_ready())
 
-  def decode_s(self) -> float:
-    long, short = common.timed(self.gens[self.new]), common.timed(self.gens[8])
+  def decode_s(self, unstack: bool = True) -> float:
+    long = common.timed(self.gens[(self.new, unstack)])
+    short = common.timed(self.gens[(8, unstack)])
     return (long - short) / (self.new - 8)
 
 
@@ -87,19 +90,21 @@ def main(argv: list[str]) -> None:
   for spec, case in cases.items():
     timers[f"{spec}|prefill"] = case.prefill_s
     timers[f"{spec}|decode"] = case.decode_s
+    timers[f"{spec}|decode_scanned"] = lambda case=case: case.decode_s(unstack=False)
   samples = common.interleaved(timers, args.rounds)
   peak, bandwidth = (statistics.median(samples[k]) for k in ("peak", "bandwidth"))
   hw = latency.cpu_hardware(peak, bandwidth)
   rows = []
   for spec, case in cases.items():
     measured = {kind: statistics.median(samples[f"{spec}|{kind}"])
-                for kind in ("prefill", "decode")}
+                for kind in ("prefill", "decode", "decode_scanned")}
     predicted = {
         "prefill": latency.estimate(case.config, hw, latency.Layout(), args.prompt,
                                     bytes_per_param=4),
         "decode": latency.estimate(case.config, hw, latency.Layout(), 1,
                                    context=args.prompt + args.new // 2, bytes_per_param=4)}
-    for kind in ("prefill", "decode"):
+    predicted["decode_scanned"] = predicted["decode"]
+    for kind in ("prefill", "decode", "decode_scanned"):
       rows.append({"config": spec, "phase": kind, "measured_s": measured[kind],
                    "predicted_s": predicted[kind]["total_s"],
                    "predicted_over_measured": predicted[kind]["total_s"] / measured[kind],

@@ -102,5 +102,5 @@ def test_latency_check_quick_runs(tmp_path):
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = json.loads(out.read_text())["rows"]
-  assert [r["phase"] for r in rows] == ["prefill", "decode"]
+  assert [r["phase"] for r in rows] == ["prefill", "decode", "decode_scanned"]
   assert all(r["measured_s"] > 0 and r["predicted_s"] > 0 for r in rows)
