@@ -55,23 +55,26 @@ def dsa_spec(cfg: ml_collections.ConfigDict) -> dsa.DSASpec | None:
                      budget_value=d.budget_value, score=d.score, seed=d.seed)
 
 
-def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                     heads_major: bool = False) -> jax.Array:
   """Softmax attention under an explicit mask, in f32.
 
   Args:
-    q: [B, T, N, H]; k, v: [B, S, K, H].
+    q: [B, T, N, H]; k, v: [B, S, K, H], or [B, K, S, H] with `heads_major` (the decode
+      cache's layout: each head's keys contiguous, read without a transpose).
     mask: bool [B, T, S], True where a query may attend.
 
   Returns:
     [B, T, N, H] in q's dtype.
   """
   b, t, n, h = q.shape
-  kh = k.shape[2]
+  kv = "BKSH" if heads_major else "BSKH"
+  kh = k.shape[1 if heads_major else 2]
   qg = q.reshape(b, t, kh, n // kh, h).astype(jnp.float32)  # [B, T, K, G, H]
-  logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(jnp.float32)) / jnp.sqrt(h)
+  logits = jnp.einsum(f"BTKGH,{kv}->BKGTS", qg, k.astype(jnp.float32)) / jnp.sqrt(h)
   logits = jnp.where(mask[:, None, None], logits, MASK_VALUE)  # [B, K, G, T, S]
   probs = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(jnp.float32))
+  out = jnp.einsum(f"BKGTS,{kv}->BTKGH", probs, v.astype(jnp.float32))
   return out.reshape(b, t, n, h).astype(q.dtype)
 
 
@@ -137,23 +140,30 @@ class Attention(nn.Module):
   def _cached_attention(self, q, k, v, positions, spec):
     """Writes k/v at positions[0, 0]..+T and attends q to the cache under the mask."""
     initialized = self.has_variable("cache", "cached_key")
-    cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)  # [B, S, K, H]
-    cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+    # Head-major [B, K, S, H]: attention reads each head's keys contiguously, so a decode
+    # step does not transpose the whole cache (results 8.5).
+    heads_major = lambda a: a.transpose(0, 2, 1, 3)  # noqa: E731  [B, T, K, H] <-> [B, K, T, H]
+    shape = (k.shape[0], k.shape[2], k.shape[1], k.shape[3])
+    cached_k = self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
+    cached_v = self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
     if spec is not None:
       cached_s = self.variable("cache", "cached_scores",
                                lambda: jnp.full(k.shape[:2], -jnp.inf, jnp.float32))
     if not initialized:  # model.init(..., decode=True) only sizes the cache.
       return causal_attention(q, k, v)
     start = positions[0, 0]
-    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, start, 0, 0))
-    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, start, 0, 0))
-    slots = jnp.arange(cached_k.value.shape[1])  # [S]
+    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, heads_major(k),
+                                                  (0, 0, start, 0))
+    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, heads_major(v),
+                                                  (0, 0, start, 0))
+    slots = jnp.arange(cached_k.value.shape[2])  # [S]
     if spec is None:
       mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
     else:
       # New tokens' scores first: a query's selection may read earlier new tokens.
-      entropy = dsa.cached_local_entropy(q, cached_k.value, positions, spec.window)
+      entropy = dsa.cached_local_entropy(q, heads_major(cached_k.value), positions,
+                                         spec.window)
       scores = dsa.token_scores(spec, entropy, k, positions)
       cached_s.value = jax.lax.dynamic_update_slice(cached_s.value, scores, (0, start))
       mask = dsa.cached_mask(spec, cached_s.value, positions)
-    return masked_attention(q, cached_k.value, cached_v.value, mask)
+    return masked_attention(q, cached_k.value, cached_v.value, mask, heads_major=True)
