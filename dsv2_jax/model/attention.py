@@ -8,7 +8,7 @@ here); 'sliding_window' is DSA with a global budget of 0. Decoding writes keys/v
 the new queries to the cache under the same mask as a full forward pass.
 
 Shapes follow the repo alphabet (see `dsv2_jax.model`): q [B, T, N, H],
-k/v [B, S, K, H], N = K G.
+k/v [B, S, K, H], N = K G; the decode cache holds them head-major, [B, K, S, H].
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ class Attention(nn.Module):
     """Writes k/v at positions[0, 0]..+T and attends q to the cache under the mask."""
     initialized = self.has_variable("cache", "cached_key")
     # Head-major [B, K, S, H]: attention reads each head's keys contiguously, so a decode
-    # step does not transpose the whole cache (results 8.5).
+    # step does not transpose the whole cache (results 8.5, 11.3).
     heads_major = lambda a: a.transpose(0, 2, 1, 3)  # noqa: E731  [B, T, K, H] <-> [B, K, T, H]
     shape = (k.shape[0], k.shape[2], k.shape[1], k.shape[3])
     cached_k = self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
