@@ -97,8 +97,8 @@ _EXPERT_PROFILE = flags.DEFINE_string(
 _PROFILE_BATCHES = flags.DEFINE_integer("profile_batches", 16, "--experts_keep: batches "
                                         "of eval.batch_size rows profiled.")
 _RULES = flags.DEFINE_string("rules", None, "quantize: quant.rules, MODULE=FORMAT,... "
-                             "(default: the run's own, else the article's advice: FFN and experts int8, "
-                             "attention fp16).")
+                             "(default: the run's own, else the article's advice: FFN and "
+                             "experts int8, attention fp16).")
 _BLOCK = flags.DEFINE_string("block", None, "quantize: quant.block (4x4, RxC, channel, "
                              "tensor; default: the run's own).")
 _INT8_DOT = flags.DEFINE_bool("int8_dot", None, "quantize/eval/generate: multiply INT8 "
@@ -187,38 +187,23 @@ def _trained_params(config, run):
     if _EXPERT_PROFILE.value:
       raise UsageError("--expert_profile goes with --experts_keep M.")
     return run.trained_params()
-  # pylint: disable=g-import-not-at-top
-  from dsv2_jax.data import pipeline
-  from dsv2_jax.infer import expert_selection
-  from dsv2_jax.model.transformer import build_model
-  from dsv2_jax.parallel import sharding
-  from dsv2_jax.train.state import abstract_state
+  from dsv2_jax.infer import expert_selection  # pylint: disable=g-import-not-at-top
   if config.quant.exported:
     raise UsageError("--experts_keep reads float weights; select experts on the run itself "
                      "(the quantized export's source, see its parent.json).")
-  try:
-    kept_cfg = expert_selection.kept_model_config(config.model, _EXPERTS_KEEP.value)
+  try:  # Checked before the slow restore.
+    expert_selection.kept_model_config(config.model, _EXPERTS_KEEP.value)
   except ValueError as e:
     raise UsageError(str(e)) from None
   if _PROFILE_BATCHES.value < 1:
     raise UsageError(f"--profile_batches={_PROFILE_BATCHES.value} must be >= 1.")
-  data = ml_collections.ConfigDict(config.data.to_dict())
-  data.update(dataset=_EXPERT_PROFILE.value or data.dataset, eval_split="train")
-  batches = pipeline.eval_batches(data, run.tokenizer, config.eval.batch_size,
-                                  _PROFILE_BATCHES.value)
+  dataset = _EXPERT_PROFILE.value or config.data.dataset
   params, _, step = run.trained_params()
-  boxed = abstract_state(run.model, run.tx, config.data.seq_len).params
-  counts = expert_selection.profile(run.model, params, batches)
-  kept = expert_selection.kept_experts(counts, _EXPERTS_KEEP.value)
   before = expert_selection.parameter_bytes(params)
-  params = expert_selection.keep_experts(params, boxed, kept)
-  config.model = kept_cfg
-  run.model = build_model(kept_cfg)
-  shardings = sharding.logical_shardings(
-      abstract_state(run.model, run.tx, config.data.seq_len).params, run.mesh)
-  params = jax.device_put(params, shardings)
+  params, shardings = run.keep_experts(params, _EXPERTS_KEEP.value, dataset,
+                                       _PROFILE_BATCHES.value)
   after = expert_selection.parameter_bytes(params)
-  print(f"kept {_EXPERTS_KEEP.value} experts per layer (profiled on {data.dataset}:train, "
+  print(f"kept {_EXPERTS_KEEP.value} experts per layer (profiled on {dataset}:train, "
         f"{_PROFILE_BATCHES.value} batches): parameters {before / 2**20:.2f} -> "
         f"{after / 2**20:.2f} MiB", file=sys.stderr)
   return params, shardings, step

@@ -438,12 +438,9 @@ def _validate_rlhf(config: ml_collections.ConfigDict) -> None:
 
 def _validate_quant(q: ml_collections.ConfigDict) -> None:
   from dsv2_jax.quant import blocks, rules  # pylint: disable=g-import-not-at-top
-  try:
-    blocks.Layout.parse(q.block)
-  except ValueError as e:
-    raise ConfigError(f"quant.{e}".replace("quant.block ", "quant.block=", 1)) from None
   _check_choice(q.engine, "quant.engine", ("ours", "qwix"))
   try:
+    blocks.Layout.parse(q.block, "quant.block")
     parsed = rules.parse(q.rules, q.block)
     if q.engine == "qwix":
       from dsv2_jax.quant import qwix_baseline  # pylint: disable=g-import-not-at-top

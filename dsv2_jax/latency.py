@@ -93,20 +93,6 @@ def tp_collective_bytes(model: ml_collections.ConfigDict, tokens: int, tensor: i
           "all-gather": tokens * vocab * bytes_per_value}
 
 
-def _weights(model: ml_collections.ConfigDict) -> dict[str, float]:
-  """Parameters per layer (attention, dense FFN, one expert, gate) and of the head."""
-  d, n = model.d_model, model.num_heads
-  k = model.num_kv_heads or n
-  h = model.head_dim or d // n
-  width = d * (3 if model.activation.endswith("glu") else 2)
-  moe = model.moe
-  return {"attention": d * n * h * 2 + d * k * h * 2, "ffn": width * model.ffn_hidden,
-          "expert": width * moe.expert_hidden if moe.num_experts else 0,
-          "gate": (d * moe.gate_hidden + moe.gate_hidden * moe.num_experts
-                   if moe.num_experts else 0),
-          "head": d * model.vocab_size}
-
-
 def estimate(model: ml_collections.ConfigDict, hw: Hardware, layout: Layout, tokens: int,
              context: int = 0, bytes_per_param: int = 2, efficiency: float = 1.0
              ) -> dict[str, Any]:
@@ -125,7 +111,7 @@ def estimate(model: ml_collections.ConfigDict, hw: Hardware, layout: Layout, tok
   if tokens % m:
     raise ValueError(f"{tokens} prompt tokens do not split into {m} microbatches.")
   peak, hbm = hw.peak_flops * efficiency, hw.hbm_bytes_per_s * efficiency
-  w = _weights(model)
+  w = flops_lib.matmul_weights(model)
   moe = model.moe
   layers = model.num_layers
   moe_layers = flops_lib.num_moe_layers(model)

@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsv2_jax.infer import expert_selection
 from experiments import common
 
 PARTS = ("quality", "classifier", "speed", "experts")
@@ -70,34 +71,20 @@ QUICK = dict(base="steps=20", stage="steps=10", classifier="steps=10", rounds=1,
 def evaluate_workdir(workdir, int8_dot: bool | None = None, dataset: str | None = None,
                      experts_keep: int = 0, max_batches: int = 0) -> dict[str, Any]:
   """Held-out figures of a workdir as `eval` computes them (exports included)."""
-  # pylint: disable=g-import-not-at-top
-  from dsv2_jax.data import pipeline
-  from dsv2_jax.infer import expert_selection
-  from dsv2_jax.model.transformer import build_model
-  from dsv2_jax.parallel import sharding
-  from dsv2_jax.train import evaluate, trainer
-  from dsv2_jax.train.state import abstract_state
+  from dsv2_jax.train import evaluate, trainer  # pylint: disable=g-import-not-at-top
   config = trainer.inference_config(trainer.load_config(workdir))
   if int8_dot is not None:
     config.quant.int8_dot = int8_dot
   run = trainer.Run(config, workdir)
   params, shardings, _ = run.trained_params()
-  model, extra = run.model, {}
-  if experts_keep:
-    boxed = abstract_state(run.model, run.tx, config.data.seq_len).params
-    counts = expert_selection.profile(run.model, params, pipeline.eval_batches(
-        ml_collections_copy(config.data, eval_split="train"), run.tokenizer,
-        config.eval.batch_size, 16))
-    before = expert_selection.parameter_bytes(params)
-    params = expert_selection.keep_experts(
-        params, boxed, expert_selection.kept_experts(counts, experts_keep))
-    model = build_model(expert_selection.kept_model_config(config.model, experts_keep))
-    shardings = sharding.logical_shardings(
-        abstract_state(model, run.tx, config.data.seq_len).params, run.mesh)
-    extra = {"param_bytes": expert_selection.parameter_bytes(params), "full_bytes": before}
+  extra = {}
+  if experts_keep:  # As `eval --experts_keep`, profiled on the run's own train split.
+    full = expert_selection.parameter_bytes(params)
+    params, shardings = run.keep_experts(params, experts_keep, config.data.dataset)
+    extra = {"param_bytes": expert_selection.parameter_bytes(params), "full_bytes": full}
   if dataset:
     config.data.dataset = dataset
-  eval_fn = evaluate.make_eval_fn(model, run.tokenizer, run.mesh, shardings)
+  eval_fn = evaluate.make_eval_fn(run.model, run.tokenizer, run.mesh, shardings)
   result = evaluate.evaluate(eval_fn, params, config, run.tokenizer, run.mesh, max_batches)
   return {**result, **extra}
 
@@ -248,7 +235,7 @@ def experts(args, root, quick) -> dict[str, Any]:
   for keep in (QUICK["keep"] if quick else KEEP):
     row = {"experts_keep": keep}
     # Share of the top-k picks that land on the kept experts (chosen on in-domain data).
-    kept = es_kept(counts["in_domain"], keep)
+    kept = expert_selection.kept_experts(counts["in_domain"], keep)
     for domain, c in counts.items():
       row[f"{domain}_pick_share"] = float(np.mean([
           np.take_along_axis(c[p], kept[p], -1).sum(-1) / c[p].sum(-1) for p in c]))
@@ -264,7 +251,6 @@ def profile_counts(workdir, dataset: str) -> dict[str, np.ndarray]:
   """Expert selection counts of a run on `dataset`'s train split (16 batches)."""
   # pylint: disable=g-import-not-at-top
   from dsv2_jax.data import pipeline
-  from dsv2_jax.infer import expert_selection
   from dsv2_jax.train import trainer
   config = trainer.load_config(workdir)
   run = trainer.Run(config, workdir)
@@ -272,11 +258,6 @@ def profile_counts(workdir, dataset: str) -> dict[str, np.ndarray]:
   data = ml_collections_copy(config.data, dataset=dataset, eval_split="train")
   return expert_selection.profile(run.model, params, pipeline.eval_batches(
       data, run.tokenizer, config.eval.batch_size, 16))
-
-
-def es_kept(counts, keep):
-  from dsv2_jax.infer import expert_selection  # pylint: disable=g-import-not-at-top
-  return expert_selection.kept_experts(counts, keep)
 
 
 def plot(result: dict[str, Any], png: str) -> None:

@@ -23,10 +23,8 @@ import ml_collections
 import numpy as np
 
 from dsv2_jax.model.moe import ASSIGNMENT_FRACTION
-
-
-def _path(keys) -> str:
-  return "/".join(str(getattr(k, "key", k)) for k in keys)
+from dsv2_jax.model.transformer import build_model
+from dsv2_jax.quant.rules import path_of
 
 
 def profile(model: nn.Module, params: Any, batches: Iterable[dict[str, np.ndarray]]
@@ -37,7 +35,7 @@ def profile(model: nn.Module, params: Any, batches: Iterable[dict[str, np.ndarra
     _, variables = model.apply({"params": params}, inputs, mutable=["intermediates"])
     out = {}
     for keys, leaf in jax.tree_util.tree_flatten_with_path(variables["intermediates"])[0]:
-      path = _path(keys)
+      path = path_of(keys)
       if f"/router/{ASSIGNMENT_FRACTION}/" in path:
         out[path.split("/router/")[0]] = leaf  # [L, E] fraction of this batch's picks.
     return out
@@ -66,11 +64,11 @@ def kept_experts(counts: dict[str, np.ndarray], keep: int) -> dict[str, np.ndarr
 
 def keep_experts(params: Any, boxed_params: Any, kept: dict[str, np.ndarray]) -> Any:
   """`params` with only the `kept` experts of each MoE layer (see module docstring)."""
-  names = {_path(k): tuple(leaf.names) for k, leaf in jax.tree_util.tree_flatten_with_path(
+  names = {path_of(k): tuple(leaf.names) for k, leaf in jax.tree_util.tree_flatten_with_path(
       boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]}
 
   def gather(keys, leaf):
-    path = _path(keys)
+    path = path_of(keys)
     axes = names.get(path, ())
     owner = next((p for p in kept if path.startswith(p + "/")), None)
     if owner is None or "expert" not in axes:
@@ -96,6 +94,14 @@ def kept_model_config(model: ml_collections.ConfigDict, keep: int
   out = ml_collections.ConfigDict(model.to_dict())
   out.moe.num_experts = keep
   return out
+
+
+def select(model: nn.Module, params: Any, boxed_params: Any,
+           batches: Iterable[dict[str, np.ndarray]], keep: int) -> tuple[nn.Module, Any]:
+  """(model, params) with only the `keep` experts per layer that `batches` pick most."""
+  kept_model = build_model(kept_model_config(model.cfg, keep))
+  counts = profile(model, params, batches)
+  return kept_model, keep_experts(params, boxed_params, kept_experts(counts, keep))
 
 
 def parameter_bytes(params: Any) -> int:

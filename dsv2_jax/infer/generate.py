@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
+from dsv2_jax.model.transformer import Transformer, build_model, layer_plan
 from dsv2_jax.parallel import sharding
 
 
@@ -49,8 +50,6 @@ def unstacked(model: nn.Module, params: Any, mesh: Mesh | None = None
   time grows with depth); a pipelined mesh (stages > 1) keeps the stack, and so does a
   model that is not this package's Transformer (e.g. qwix's wrapped baseline).
   """
-  # pylint: disable=g-import-not-at-top
-  from dsv2_jax.model.transformer import Transformer, build_model, layer_plan
   cfg = getattr(model, "cfg", None)
   stages = 1 if mesh is None else dict(mesh.shape).get("stage", 1)
   if type(model) is not Transformer or not cfg.scan_layers or stages > 1:

@@ -20,23 +20,34 @@ def num_moe_layers(model: ml_collections.ConfigDict) -> int:
   return (model.num_layers - moe.first_dense_layers) // moe.every_n_layers
 
 
+def matmul_weights(model: ml_collections.ConfigDict) -> dict[str, int]:
+  """Matmul parameters of one layer's parts and of the head: attention (q, k, v, out),
+  the dense FFN, one routed expert, the GMoE gate, the output head."""
+  d, n, f, v = model.d_model, model.num_heads, model.ffn_hidden, model.vocab_size
+  k = model.num_kv_heads or n
+  h = model.head_dim or d // n
+  width = d * (3 if is_gated(model.activation) else 2)
+  moe = model.moe
+  return {"attention": d * n * h * 2 + d * k * h * 2,  # query, out; key, value
+          "ffn": width * f,
+          "expert": width * moe.expert_hidden if moe.num_experts else 0,
+          "gate": (d * moe.gate_hidden + moe.gate_hidden * moe.num_experts
+                   if moe.num_experts else 0),
+          "head": d * v}
+
+
 def matmul_params(model: ml_collections.ConfigDict) -> int:
   """Parameters that take part in a matmul per token (embedding lookup excluded).
 
   An MoE layer counts its gate, the k routed experts a token uses and the shared ones.
   """
-  d, n, f, v = model.d_model, model.num_heads, model.ffn_hidden, model.vocab_size
-  k = model.num_kv_heads or n
-  h = model.head_dim or d // n
-  per_ffn_width = d * (3 if is_gated(model.activation) else 2)
-  attention = d * n * h * 2 + d * k * h * 2  # query, out; key, value
+  w = matmul_weights(model)
   moe, moe_layers = model.moe, num_moe_layers(model)
   dense_layers = model.num_layers - moe_layers
-  total = model.num_layers * attention + dense_layers * per_ffn_width * f + d * v
+  total = model.num_layers * w["attention"] + dense_layers * w["ffn"] + w["head"]
   if moe_layers:
-    gate = d * moe.gate_hidden + moe.gate_hidden * moe.num_experts
-    experts = (moe.top_k + moe.num_shared_experts) * per_ffn_width * moe.expert_hidden
-    total += moe_layers * (gate + experts)
+    experts = (moe.top_k + moe.num_shared_experts) * w["expert"]
+    total += moe_layers * (w["gate"] + experts)
   return total
 
 

@@ -40,15 +40,16 @@ class Layout:
   cols: int
 
   @classmethod
-  def parse(cls, text: str) -> Layout:
-    """'RxC' (e.g. '4x4'), 'channel' or 'tensor'; ValueError naming the choices."""
+  def parse(cls, text: str, field: str = "block") -> Layout:
+    """'RxC' (e.g. '4x4'), 'channel' or 'tensor'; ValueError naming `field` and the
+    choices."""
     if text == "channel":
       return cls(0, 1)
     if text == "tensor":
       return cls(0, 0)
     match = _LAYOUT.match(text)
     if not match or min(int(match[1]), int(match[2])) <= 0:
-      raise ValueError(f"block {text!r} is not a block shape: use RxC with positive R and C "
+      raise ValueError(f"{field}={text!r} is not a block shape: use RxC with positive R and C "
                        "(e.g. 4x4), 'channel' or 'tensor'.")
     return cls(int(match[1]), int(match[2]))
 
@@ -121,22 +122,25 @@ class QTensor:
             + self.scale.size * self.scale.dtype.itemsize)
 
 
+def _matrix_order(ndim: int, names: Sequence[str | None]) -> tuple[int, ...]:
+  """Axis order that puts stack axes, then contracted, then output axes."""
+  s = ndim - len(names)
+  contract, output = split_axes(tuple(names))
+  return tuple(range(s)) + tuple(a + s for a in contract + output)
+
+
 def to_matrix(w: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """[S..., K, N] view of `w` whose trailing axes are named `names` (a transpose only
   for the embedding table)."""
   s = w.ndim - len(names)
-  contract, output = split_axes(tuple(names))
-  order = tuple(range(s)) + tuple(a + s for a in contract + output)
-  m = jnp.transpose(w, order)
-  k = math.prod(w.shape[a + s] for a in contract)
-  return m.reshape(*m.shape[:s], k, -1)
+  contract, _ = split_axes(tuple(names))
+  m = jnp.transpose(w, _matrix_order(w.ndim, names))
+  return m.reshape(*m.shape[:s], math.prod(w.shape[a + s] for a in contract), -1)
 
 
 def from_matrix(m: jax.Array, shape: Sequence[int], names: Sequence[str | None]
-                 ) -> jax.Array:
-  s = len(shape) - len(names)
-  contract, output = split_axes(tuple(names))
-  order = tuple(range(s)) + tuple(a + s for a in contract + output)
+                ) -> jax.Array:
+  order = _matrix_order(len(shape), names)
   m = m.reshape([shape[a] for a in order])
   return jnp.transpose(m, [order.index(a) for a in range(len(shape))])
 
@@ -160,16 +164,12 @@ def quantize(w: jax.Array, names: Sequence[str | None], layout: Layout) -> QTens
   return QTensor(qvalue, q.scale.astype(jnp.float32), matrix_names, block)
 
 
-def matrix_scale(t: QTensor) -> jax.Array:
-  """The scale of every element of t's matrix view [S..., K, N] (blocks expanded)."""
-  k, n = to_matrix(t.qvalue, t.names).shape[-2:]
-  scale = jnp.repeat(jnp.repeat(t.scale, t.block[0], axis=-2), t.block[1], axis=-1)
-  return scale[..., :k, :n]
-
-
 def dequantize(t: QTensor, dtype: jnp.dtype = jnp.float32) -> jax.Array:
   """The weight `t` stands for, in `dtype` (products in f32, then cast)."""
-  w = to_matrix(t.qvalue, t.names).astype(jnp.float32) * matrix_scale(t)
+  m = to_matrix(t.qvalue, t.names)
+  k, n = m.shape[-2:]
+  scale = jnp.repeat(jnp.repeat(t.scale, t.block[0], axis=-2), t.block[1], axis=-1)
+  w = m.astype(jnp.float32) * scale[..., :k, :n]  # Each element's block scale.
   return from_matrix(w, t.qvalue.shape, t.names).astype(dtype)
 
 

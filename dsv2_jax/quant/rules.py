@@ -81,11 +81,8 @@ def parse(text: str, default_block: str) -> tuple[Rule, ...]:
       raise ValueError(f"quant.rules names {module!r} twice.")
     kind, _, layout = fmt.partition(":")
     if kind == "int8":
-      try:
-        rules.append(Rule(module, "int8", Layout.parse(layout or default_block)))
-      except ValueError as e:
-        raise ValueError(f"quant.rules: {part!r}: {e}" if layout else
-                         f"quant.{e}".replace("quant.block ", "quant.block=", 1)) from None
+      field = f"quant.rules {part!r}: block" if layout else "quant.block"
+      rules.append(Rule(module, "int8", Layout.parse(layout or default_block, field)))
     elif kind in FLOATS and not layout:
       rules.append(Rule(module, kind))
     else:
@@ -96,7 +93,7 @@ def parse(text: str, default_block: str) -> tuple[Rule, ...]:
 
 def path_of(keys: tuple[Any, ...]) -> str:
   """'a/b/c' of a tree path (the form MODULES match)."""
-  return "/".join(str(getattr(k, "key", k)) for k in keys)
+  return jax.tree_util.keystr(keys, simple=True, separator="/")
 
 
 @dataclasses.dataclass(frozen=True)

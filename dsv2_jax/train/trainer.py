@@ -226,6 +226,23 @@ class Run:
     params, record = stages.init_params(str(self.workdir), nn.meta.unbox(boxed), shardings)
     return params, shardings, record["step"]
 
+  def keep_experts(self, params: Any, keep: int, dataset: str, batches: int = 16
+                   ) -> tuple[Any, Any]:
+    """`params` with only the `keep` experts per MoE layer that `batches` batches of
+    `dataset`'s train split pick most (`infer.expert_selection`), and their shardings.
+    This Run's model and config.model become the smaller model's."""
+    from dsv2_jax.infer import expert_selection  # pylint: disable=g-import-not-at-top
+    data = ml_collections.ConfigDict(self.config.data.to_dict())
+    data.update(dataset=dataset, eval_split="train")
+    profiled = pipeline.eval_batches(data, self.tokenizer, self.config.eval.batch_size,
+                                     batches)
+    boxed = abstract_state(self.model, self.tx, self.config.data.seq_len).params
+    self.model, params = expert_selection.select(self.model, params, boxed, profiled, keep)
+    self.config.model = ml_collections.ConfigDict(self.model.cfg.to_dict())
+    shardings = sharding.logical_shardings(
+        abstract_state(self.model, self.tx, self.config.data.seq_len).params, self.mesh)
+    return jax.device_put(params, shardings), shardings
+
   def _exported_params(self) -> tuple[Any, Any, int]:
     """The INT8 / low-precision weights a `quantize` workdir stores (quant.exported)."""
     from dsv2_jax.quant import export  # pylint: disable=g-import-not-at-top
