@@ -114,7 +114,10 @@ def default_config() -> ml_collections.ConfigDict:
   # Microbatches Y of the pipeline schedule when mesh.stage = Z > 1 (bubble (Z-1)/(Y+Z-1));
   # 0 picks the largest divisor of each data shard's rows up to 4 x stages.
   m.pipeline_microbatches = 0
-  m.dtype = "float32"  # Compute dtype of activations and matmuls.
+  # Compute dtype of activations and matmuls. "bfloat16" (with param_dtype float32) is mixed
+  # precision: bf16 x bf16 -> f32 matmuls in both passes, f32 master weights
+  # (dsv2_jax/model/mixed_precision.py; AMX where the CPU has it, results 11.5).
+  m.dtype = "float32"
   m.param_dtype = "float32"  # Storage dtype of parameters and optimizer state.
   m.init_std = 0.02  # Std of the embedding init (projections use fan-in scaling).
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The accelerator checks of issue 17, as one short script (under 8 minutes on one GPU):
 #   1. train-step throughput and MFU, f32 and bf16 (experiments/throughput.py);
-#   2. DSA against jax.nn.dot_product_attention(implementation="cudnn"), cuDNN's fused
+#   2. DSA and our dense kernel (dense_chunked) against
+#      jax.nn.dot_product_attention(implementation="cudnn"), cuDNN's fused
 #      FlashAttention-class kernel, and XLA's dense attention, bf16, n = 2k..16k
 #      (experiments/dsa_benchmark.py);
 #   3. the GMoE layer with jax.lax.ragged_dot against our tiled dispatch and the dense
@@ -32,7 +33,7 @@ fi
 "$PY" -m experiments.throughput "${THROUGHPUT[@]}" --dtypes float32,bfloat16 \
     --out "$OUT/throughput.json"
 "$PY" -m experiments.dsa_benchmark "${DSA[@]}" --dtype bfloat16 \
-    --impls dense,dense_cudnn,dsa_fraction --out "$OUT/dsa.json"
+    --impls dense,dense_chunked,dense_cudnn,dsa_fraction --out "$OUT/dsa.json"
 "$PY" -m experiments.moe_benchmark "${MOE[@]}" \
     --impls moe_tiled,moe_ragged_dot,dense_ffn --out "$OUT/moe.json"
 "$PY" - "$OUT" <<'PYEOF'

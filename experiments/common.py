@@ -11,8 +11,8 @@ Run experiments as modules from the repository root, e.g.
 - Timing: `timed` (one call, waiting for JAX's outputs), `best_time` (warm-up, then the best
   of n), `interleaved` (compared cases run in turn each round, because a CPU's speed drifts),
   on `random_batch` inputs of a config's shape.
-- The machine: `machine()` (CPU model and its avx512 / amx flags, cores, backend, versions),
-  recorded in every result by `write`.
+- The machine: `machine()` (CPU model and its avx512 / amx flags, cores, backend, versions,
+  the host-memory setting of `dsv2_jax.host_memory`), recorded in every result by `write`.
 - `write(result, out, plot)`: the JSON, its plot beside it (skipped with one line when
   matplotlib, the `bench` extra, is missing), the summary on stdout.
 """
@@ -37,7 +37,12 @@ from absl import flags
 from ml_collections import config_flags
 
 from dsv2_jax import config as config_lib
+from dsv2_jax import host_memory
 from dsv2_jax.parallel import sharding
+
+# Like the CLI: XLA:CPU's buffers reuse freed host memory instead of page-faulting
+# fresh pages every call (dsv2_jax/host_memory.py); recorded as `malloc` in `machine()`.
+MALLOC = "keep" if host_memory.keep_freed_memory() else "system"
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -194,7 +199,7 @@ def machine() -> dict[str, Any]:
   return {**cpu_info(), "backend": jax.default_backend(),
           "device": str(jax.devices()[0].device_kind), "device_count": jax.device_count(),
           "python": platform.python_version(), "jax": jax.__version__,
-          "xla_flags": os.environ.get("XLA_FLAGS", "")}
+          "xla_flags": os.environ.get("XLA_FLAGS", ""), "malloc": MALLOC}
 
 
 def command(module: str, argv: Sequence[str]) -> str:

@@ -2,6 +2,8 @@
 
 Implementations, on the same random q/k/v (B = 1, N = 8 heads, H = 64; f32 unless --dtype):
   dense           XLA causal attention (`jax.nn.dot_product_attention`, implementation='xla')
+  dense_chunked   the model's dense kernel (`dense_attention.causal_attention`): query
+                  chunks that skip the masked blocks, hand-written backward
   dense_cudnn     the same with implementation='cudnn' (GPU only, --dtype bfloat16): cuDNN's
                   fused FlashAttention-class kernel; recorded as skipped elsewhere
   sliding_window  DSA with a global budget of 0 (our blocked local window, W = 32)
@@ -39,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv2_jax.model import dsa
+from dsv2_jax.model import dense_attention, dsa
 from experiments import common
 
 B, N, H = 1, 8, 64
@@ -49,7 +51,7 @@ SPECS = {
     "dsa_fraction": dsa.DSASpec(WINDOW, BLOCK, "fraction", 0.15),
     "dsa_log": dsa.DSASpec(WINDOW, BLOCK, "log", 16.0),
 }
-JAX_IMPLS = ("dense", "sliding_window", "dsa_fraction", "dsa_log")
+JAX_IMPLS = ("dense", "dense_chunked", "sliding_window", "dsa_fraction", "dsa_log")
 # cuDNN's fused (FlashAttention-class) kernel, GPU only, bf16/f16 inputs: the attention
 # the article advises, measured by experiments/accelerator_suite.sh.
 GPU_IMPLS = ("dense_cudnn",)
@@ -63,6 +65,8 @@ def attention_fn(impl: str) -> Callable:
     kernel = "xla" if impl == "dense" else "cudnn"
     return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                         implementation=kernel)
+  if impl == "dense_chunked":
+    return dense_attention.causal_attention
   return functools.partial(dsa.dsa_attention, spec=SPECS[impl])
 
 
@@ -82,6 +86,11 @@ def temp_bytes(compiled) -> int:
 
 def analytic_flops(impl: str, n: int) -> tuple[float, float]:
   """Executed matmul FLOPs (forward, forward+backward)."""
+  if impl == "dense_chunked":  # Chunk i scores keys [0, end_i); no recompute backward.
+    chunk = dense_attention.query_chunk(n)
+    pairs = sum(min(s + chunk, n) * (min(s + chunk, n) - s) for s in range(0, n, chunk))
+    fwd = 4.0 * B * N * pairs * H
+    return fwd, 3.0 * fwd
   if impl in ("dense", "torch_sdpa", "dense_cudnn"):
     keys = n if impl == "dense" else (n + 1) / 2  # XLA:CPU computes every score.
     fwd = 4.0 * B * N * n * keys * H
@@ -272,8 +281,10 @@ def main(argv: list[str]) -> None:
                      for key in ("fwd_ms", "fwd_bwd_ms", "flops", "temp_bytes_fwd_bwd")}
   for n in sorted({r["seq_len"] for r in records}):
     by = {r["impl"]: r for r in records if r["seq_len"] == n}
-    for impl in ("dsa_fraction", "dsa_log", "sliding_window"):
-      for ref in ("dense", "torch_sdpa", "dense_cudnn"):
+    for impl in ("dsa_fraction", "dsa_log", "sliding_window", "dense_chunked"):
+      for ref in ("dense", "dense_chunked", "torch_sdpa", "dense_cudnn"):
+        if ref == impl:
+          continue
         for key in ("fwd_ms", "fwd_bwd_ms", "temp_bytes_fwd_bwd"):
           a, b = by.get(impl, {}).get(key), by.get(ref, {}).get(key)
           if a and b:

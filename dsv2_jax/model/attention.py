@@ -1,7 +1,8 @@
 """Causal multi-head attention with RoPE, grouped-query heads and a decode KV cache.
 
 `model.attention` (one of `ATTENTIONS`) picks the kernel behind the projections:
-'dense' is XLA's `jax.nn.dot_product_attention`; 'dsa' is dynamic sparse attention
+'dense' is `dense_attention.causal_attention` (causal softmax attention that skips the
+masked blocks, tested against XLA's `jax.nn.dot_product_attention`); 'dsa' is dynamic sparse attention
 (`dsa.py`, tested against its oracle `dsa_reference.py`, which runs `masked_attention`
 here); 'sliding_window' is DSA with a global budget of 0. Decoding writes keys/values
 (and, for DSA, each token's importance score) into the 'cache' collection and attends
@@ -20,23 +21,11 @@ from jax.ad_checkpoint import checkpoint_name
 import ml_collections
 
 from dsv2_jax.model import dsa
+from dsv2_jax.model.dense_attention import causal_attention
 from dsv2_jax.model.layers import MASK_VALUE, Einsum, dtype_of
 from dsv2_jax.model.rope import apply_rope, rope_frequencies
 
 ATTENTIONS = ("dense", "sliding_window", "dsa")  # `model.attention`.
-
-
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                     segments: jax.Array | None = None) -> jax.Array:
-  """Dense causal softmax attention (XLA). q [B,T,N,H], k/v [B,T,K,H] -> [B,T,N,H].
-
-  segments: int [B, T] example ids of packed rows; a query attends only within its own.
-  """
-  mask = None
-  if segments is not None:
-    mask = (segments[:, :, None] == segments[:, None, :])[:, None]  # [B, 1, T, S]
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
-                                      implementation="xla")
 
 
 def packed_segments(positions: jax.Array) -> jax.Array:

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dsv2_jax.model import mixed_precision
 from dsv2_jax.quant import int8_dot
 from dsv2_jax.quant.blocks import QTensor, dequantize
 
@@ -35,13 +36,11 @@ def weight(w: jax.Array | QTensor, dtype: jnp.dtype) -> jax.Array:
 
 def matmul_einsum(equation: str, x: jax.Array, w: jax.Array | QTensor, dtype: jnp.dtype
                   ) -> jax.Array:
-  """einsum in `dtype` whose products accumulate in f32 (bf16 x bf16 -> f32 -> bf16).
-  An INT8 weight runs weight-only or as INT8 x INT8 dots (`quant.int8_dot.einsum`)."""
+  """einsum in `dtype` whose products accumulate in f32 (bf16 x bf16 -> f32 -> bf16), in
+  the backward pass too (`mixed_precision.einsum`). An INT8 weight runs weight-only or as INT8 x INT8 dots (`quant.int8_dot.einsum`)."""
   if isinstance(w, QTensor):
     return int8_dot.einsum(equation, x, w, dtype)
-  out = jnp.einsum(equation, x.astype(dtype), w.astype(dtype),
-                   preferred_element_type=jnp.float32)
-  return out.astype(dtype)
+  return mixed_precision.einsum(equation, x, w, dtype)
 
 
 class Einsum(nn.Module):

@@ -114,10 +114,17 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
     [B, T, N, H] in x's dtype (the rotation is computed in f32).
   """
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
-  sin = jnp.sin(angles)[:, :, None, :]  # [B, T, 1, H/2]
-  cos = jnp.cos(angles)[:, :, None, :]
-  if attention_factor != 1.0:  # Folded into the [B, T, 1, H/2] tables: cheaper than x.
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  if attention_factor != 1.0:  # Folded into the [B, T, H/2] tables: cheaper than x.
     sin, cos = sin * attention_factor, cos * attention_factor
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  # As one multiply-add over the halves [x1, x2] and their swap [x2, x1]:
+  # [x1, x2] * [cos, cos] + [x2, x1] * [-sin, sin]. A concatenate of the two rotated
+  # halves ran 1.7x slower on XLA:CPU (results 11.4).
+  cos2 = jnp.stack([cos, cos], axis=-2)[:, :, None]  # [B, T, 1, 2, H/2]
+  sin2 = jnp.stack([-sin, sin], axis=-2)[:, :, None]
+  # Materialised once: fused into the rotation, XLA:CPU evaluates sin and cos again for
+  # every head.
+  cos2, sin2 = jax.lax.optimization_barrier((cos2, sin2))
+  halves = x.astype(jnp.float32).reshape(*x.shape[:-1], 2, x.shape[-1] // 2)
+  out = (halves * cos2 + halves[..., ::-1, :] * sin2).reshape(x.shape)
   return out.astype(x.dtype)
