@@ -7,7 +7,9 @@ pages that the kernel must fault in and zero: about 350 MB per train step at the
 reference shape, a fifth of the step (docs/results.md section 11.4). `keep_freed_memory`
 asks glibc (mallopt) to serve every block from one heap and keep what is freed:
 M_ARENA_MAX = 1, M_MMAP_MAX = 0, M_TRIM_THRESHOLD = 2 GiB. The cost: resident memory stays
-at the process's peak, and threads share one malloc arena.
+at the process's peak, and threads share one malloc arena, which makes XLA's
+(multi-threaded) compiles about 40% slower: a good trade for a training run or a
+benchmark, a bad one for the compile-bound test suite (tests/conftest.py opts out).
 
 The CLI (`python -m dsv2_jax`) and the experiments call it at start-up, before JAX starts
 its threads. `DSV2_JAX_MALLOC=system` keeps glibc's defaults; other C libraries are left

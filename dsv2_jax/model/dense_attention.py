@@ -48,7 +48,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     segments: int [B, T] example ids of packed rows; a query attends only within its own.
     chunk: queries per chunk (default `query_chunk(T)`).
   """
-  b, t, n, h = q.shape
+  b, t = q.shape[:2]
   if segments is None:
     segments = jnp.zeros((b, t), jnp.int32)
   chunk = min(t, chunk or query_chunk(t))
@@ -62,8 +62,8 @@ def _bounds(length: int, chunk: int) -> list[tuple[int, int]]:
 def _heads_major(q, k, v):
   """q [B,T,N,H] -> [B,K,G,T,H]; k, v [B,T,K,H] -> [B,K,T,H]."""
   b, t, n, h = q.shape
-  kh = k.shape[2]
-  qh = q.reshape(b, t, kh, n // kh, h).transpose(0, 2, 3, 1, 4)
+  kv_heads = k.shape[2]
+  qh = q.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
   return qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 

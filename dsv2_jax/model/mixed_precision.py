@@ -52,8 +52,11 @@ def dot(equation: str, a: jax.Array, b: jax.Array) -> jax.Array:
   """einsum accumulated in f32, as one batched matmul [G, M, K] x [G, K, N] -> [G, M, N].
 
   Spelled out with explicit reshapes because XLA:CPU has no bf16 x bf16 -> f32 dot for
-  some multi-axis contractions it is handed directly (e.g. 'XD,XNH->DNH').
+  some multi-axis contractions it is handed directly (e.g. 'XD,XNH->DNH'). The equation
+  must be `transposable` (every index in two of the three terms, or all three).
   """
+  if not transposable(equation):
+    raise ValueError(f"mixed_precision.dot takes batch/contracted/free indices only: {equation!r}")
   inputs, out = equation.replace(" ", "").split("->")
   lhs, rhs = inputs.split(",")
   batch = [i for i in out if i in lhs and i in rhs]

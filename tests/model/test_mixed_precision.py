@@ -34,6 +34,11 @@ def test_dot_is_the_einsum(equation):
                              rtol=1e-5, atol=1e-5)
 
 
+def test_dot_rejects_an_index_summed_on_one_side():
+  with pytest.raises(ValueError, match="XD,DF->X"):
+    mixed_precision.dot("XD,DF->X", *operands("XD,DF->XF"))
+
+
 @pytest.mark.parametrize("equation", ["XD,DF->XF", "XD,DNH->XNH", "XNH,NHD->XD", "EXD,EDF->EXF"])
 def test_bf16_forward_is_exact_and_backward_dots_stay_bf16(equation):
   x, w = operands(equation)
