@@ -88,7 +88,7 @@ def analytic_flops(impl: str, n: int) -> tuple[float, float]:
   """Executed matmul FLOPs (forward, forward+backward)."""
   if impl == "dense_chunked":  # Chunk i scores keys [0, end_i); no recompute backward.
     chunk = dense_attention.query_chunk(n)
-    pairs = sum(min(s + chunk, n) * (min(s + chunk, n) - s) for s in range(0, n, chunk))
+    pairs = sum(end * (end - start) for start, end in dense_attention.chunk_bounds(n, chunk))
     fwd = 4.0 * B * N * pairs * H
     return fwd, 3.0 * fwd
   if impl in ("dense", "torch_sdpa", "dense_cudnn"):

@@ -55,16 +55,21 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   return _attention(chunk, q, k, v, segments)
 
 
-def _bounds(length: int, chunk: int) -> list[tuple[int, int]]:
+def chunk_bounds(length: int, chunk: int) -> list[tuple[int, int]]:
+  """(start, end) of each query chunk; chunk i scores the keys [0, end)."""
   return [(s, min(s + chunk, length)) for s in range(0, length, chunk)]
 
 
-def _heads_major(q, k, v):
-  """q [B,T,N,H] -> [B,K,G,T,H]; k, v [B,T,K,H] -> [B,K,T,H]."""
-  b, t, n, h = q.shape
-  kv_heads = k.shape[2]
-  qh = q.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
-  return qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+def _heads_major(x: jax.Array, kv_heads: int) -> jax.Array:
+  """Queries (or their cotangent) [B, T, N, H] -> [B, K, G, T, H]."""
+  b, t, n, h = x.shape
+  return x.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
+
+
+def _tokens_major(x: jax.Array) -> jax.Array:
+  """[B, K, G, T, H] -> [B, T, N, H]: the inverse of `_heads_major`."""
+  b, k, g, t, h = x.shape
+  return x.transpose(0, 3, 1, 2, 4).reshape(b, t, k * g, h)
 
 
 def _probabilities(qh, kh, segments, start, end):
@@ -79,16 +84,16 @@ def _probabilities(qh, kh, segments, start, end):
 
 
 def _forward(chunk, q, k, v, segments):
-  qh, kh, vh = _heads_major(q, k, v)
+  qh = _heads_major(q, k.shape[2])
+  kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
   probs, outs = [], []
-  for start, end in _bounds(q.shape[1], chunk):
+  for start, end in chunk_bounds(q.shape[1], chunk):
     # Kept in the compute dtype: the backward's dV matmul takes them as they are.
     p = _probabilities(qh, kh, segments, start, end).astype(vh.dtype)
     outs.append(dot("BKGTS,BKSH->BKGTH", p, vh[:, :, :end]))
     probs.append(p)
   out = jnp.concatenate(outs, axis=3)  # [B, K, G, T, H] f32
-  result = out.transpose(0, 3, 1, 2, 4).reshape(q.shape).astype(q.dtype)
-  return result, (qh, kh, vh, out, probs)
+  return _tokens_major(out).astype(q.dtype), (qh, kh, vh, out, probs, segments)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -96,22 +101,17 @@ def _attention(chunk, q, k, v, segments):
   return _forward(chunk, q, k, v, segments)[0]
 
 
-def _forward_with_residuals(chunk, q, k, v, segments):
-  result, residuals = _forward(chunk, q, k, v, segments)
-  return result, (residuals, segments)
-
-
 def _backward(chunk, saved, g):
-  (qh, kh, vh, out, probs), segments = saved
-  b, t, n, h = g.shape
+  qh, kh, vh, out, probs, segments = saved
+  t, h = g.shape[1], g.shape[3]
   scale = 1.0 / math.sqrt(h)
-  gh = g.reshape(b, t, kh.shape[1], n // kh.shape[1], h).transpose(0, 2, 3, 1, 4)
+  gh = _heads_major(g, kh.shape[1])
   row_dot = jnp.sum(gh.astype(jnp.float32) * out, axis=-1)  # rowsum(dO * O) [B, K, G, T]
   gh = gh.astype(qh.dtype)
   dq = []
   dk_t = jnp.zeros(kh.shape[:2] + (h, t), jnp.float32)  # [B, K, H, S]: keys last
   dv_t = jnp.zeros_like(dk_t)
-  for (start, end), p in zip(_bounds(t, chunk), probs):
+  for (start, end), p in zip(chunk_bounds(t, chunk), probs):
     g_i = gh[:, :, :, start:end]
     # Written with the [t, S] matrix as the untransposed right operand.
     dv_t = dv_t.at[..., :end].add(dot("BKGTH,BKGTS->BKHS", g_i, p))
@@ -120,10 +120,10 @@ def _backward(chunk, saved, g):
           ).astype(qh.dtype)
     dq.append(dot("BKGTS,BKSH->BKGTH", ds, kh[:, :, :end]))
     dk_t = dk_t.at[..., :end].add(dot("BKGTH,BKGTS->BKHS", qh[:, :, :, start:end], ds))
-  dq = jnp.concatenate(dq, axis=3).transpose(0, 3, 1, 2, 4).reshape(g.shape)
+  dq = _tokens_major(jnp.concatenate(dq, axis=3))
   dk = dk_t.transpose(0, 3, 1, 2)  # [B, S, K, H]
   dv = dv_t.transpose(0, 3, 1, 2)
   return dq.astype(g.dtype), dk.astype(kh.dtype), dv.astype(vh.dtype), None
 
 
-_attention.defvjp(_forward_with_residuals, _backward)
+_attention.defvjp(_forward, _backward)

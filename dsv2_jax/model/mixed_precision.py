@@ -24,16 +24,21 @@ import jax
 import jax.numpy as jnp
 
 
+def _terms(equation: str) -> tuple[str, str, str]:
+  """'lhs,rhs->out' -> (lhs, rhs, out)."""
+  inputs, out = equation.replace(" ", "").split("->")
+  lhs, rhs = inputs.split(",")
+  return lhs, rhs, out
+
+
 def transposable(equation: str) -> bool:
   """True when each index of 'lhs,rhs->out' occurs in exactly two or all three of the
   operands and the output, with no index repeated inside one: then the gradients are
   the einsums 'out,rhs->lhs' and 'lhs,out->rhs'."""
-  inputs, out = equation.replace(" ", "").split("->")
-  lhs, rhs = inputs.split(",")
-  terms = (lhs, rhs, out)
+  terms = _terms(equation)
   if any(len(set(t)) != len(t) for t in terms):
     return False
-  return all(sum(i in t for t in terms) >= 2 for i in set(lhs + rhs + out))
+  return all(sum(i in t for t in terms) >= 2 for i in set("".join(terms)))
 
 
 def einsum(equation: str, x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
@@ -57,8 +62,7 @@ def dot(equation: str, a: jax.Array, b: jax.Array) -> jax.Array:
   """
   if not transposable(equation):
     raise ValueError(f"mixed_precision.dot takes batch/contracted/free indices only: {equation!r}")
-  inputs, out = equation.replace(" ", "").split("->")
-  lhs, rhs = inputs.split(",")
+  lhs, rhs, out = _terms(equation)
   batch = [i for i in out if i in lhs and i in rhs]
   rows = [i for i in lhs if i not in batch and i in out]
   contracted = [i for i in lhs if i in rhs and i not in out]
@@ -82,7 +86,7 @@ def dot(equation: str, a: jax.Array, b: jax.Array) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _low_precision_einsum(equation, dtype, x, w):
-  return dot(equation, x.astype(dtype), w.astype(dtype)).astype(dtype)
+  return _forward(equation, dtype, x, w)[0]
 
 
 def _forward(equation, dtype, x, w):
@@ -94,8 +98,7 @@ def _forward(equation, dtype, x, w):
 
 def _backward(equation, dtype, residuals, g):
   xc, wc, (x_like, w_like) = residuals
-  inputs, out = equation.replace(" ", "").split("->")
-  lhs, rhs = inputs.split(",")
+  lhs, rhs, out = _terms(equation)
   g = g.astype(dtype)
   dx = dot(f"{out},{rhs}->{lhs}", g, wc)
   dw = dot(f"{lhs},{out}->{rhs}", xc, g)

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from dsv2_jax.model.ffn import gated as gated_activation
+
 Activation = Callable[[jax.Array], jax.Array]
 
 
@@ -254,7 +256,7 @@ def expert_post(pre: jax.Array, w_out: jax.Array, act: Activation, gated: bool,
                 dtype: jnp.dtype) -> jax.Array:
   """Activation and output projection: pre [rows, 2F or F], w_out [F, D] -> [rows, D]."""
   f = w_out.shape[0]
-  hidden = act(pre[:, :f]) * pre[:, f:] if gated else act(pre)
+  hidden = gated_activation(act, pre[:, :f], pre[:, f:]) if gated else act(pre)
   return _dot(hidden, w_out, dtype)
 
 
@@ -339,7 +341,7 @@ def ragged_ffn(rows: jax.Array, w_in: jax.Array, w_out: jax.Array, group_sizes: 
                                         preferred_element_type=jnp.float32).astype(dtype)
   f = w_out.shape[1]
   pre = checkpoint_name(dot(rows, w_in), "moe_expert_pre")
-  hidden = act(pre[:, :f]) * pre[:, f:] if gated else act(pre)
+  hidden = gated_activation(act, pre[:, :f], pre[:, f:]) if gated else act(pre)
   return dot(hidden, w_out)
 
 
