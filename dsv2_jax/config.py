@@ -187,6 +187,9 @@ def default_config() -> ml_collections.ConfigDict:
   e = c.eval = ml_collections.ConfigDict()
   e.batch_size = 32  # Rows per eval batch.
   e.max_batches = 0  # Cap on batches of the periodic evals; the final eval reads it all.
+  # Cap on the final eval's batches; 0 = the whole split (every reported figure). Smoke
+  # runs (the notebooks under CI) set it; eval.json then says how many tokens it read.
+  e.final_max_batches = 0
   # Sliding-window scoring of `eval --text` / `eval --window` (SPEC 3.3: 2048 / 512): each
   # token is scored once, with >= window - stride tokens of context (except at the start).
   e.window = 0  # Tokens per window; 0 = data.seq_len.
@@ -544,6 +547,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_rlhf(config)
   _validate_quant(config.quant)
   _check(config.eval.max_batches >= 0, "eval.max_batches must be >= 0 (0 = whole split).")
+  _check(config.eval.final_max_batches >= 0,
+         "eval.final_max_batches must be >= 0 (0 = whole split).")
   for axis, size in config.mesh.items():
     _check(isinstance(size, int) and (size >= 1 or size == -1),
            f"mesh.{axis}={size!r} must be a positive integer or -1 (fill).")

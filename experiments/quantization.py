@@ -115,6 +115,8 @@ def quality(args, data_dir, root, quick) -> dict[str, Any]:
     runs: dict[str, Any] = {"base": common.train_stage(base, base_dir, data_dir)}
     figures: dict[str, Any] = {}
     for name, variant in VARIANTS.items():
+      if name not in args.variants:
+        continue
       if name.startswith("qwix") and "moe" in model_name:
         continue  # qwix's QAT intercepts einsums; the GMoE experts run their own matmuls.
       stage = common.with_args(spec, variant, *([QUICK["stage"]] if quick else []))
@@ -151,8 +153,10 @@ def classifier(args, data_dir, root, quick) -> dict[str, Any]:
   base_dir = root / "classifier" / "base"
   runs = {"base": common.train_stage(base, base_dir, data_dir)}
   rules = "ffn=int8+attention=fp16"
-  for name, args_ in {"f32": [], "qat_4x4": [f"quant={rules}"],
-                      "qat_channel": [f"quant={rules}", "block=channel"]}.items():
+  variants = {"f32": [], "qat_4x4": [f"quant={rules}"],
+              "qat_channel": [f"quant={rules}", "block=channel"]}
+  variants = {name: v for name, v in variants.items() if name in args.variants}
+  for name, args_ in variants.items():
     runs[name] = common.train_stage(common.with_args(CLASSIFIER, *args_, *extra),
                                     root / "classifier" / name, data_dir,
                                     init_from=str(base_dir))
@@ -161,6 +165,8 @@ def classifier(args, data_dir, root, quick) -> dict[str, Any]:
   for name, source, block in [("ptq_4x4", "f32", "4x4"), ("ptq_channel", "f32", "channel"),
                               ("qat_4x4", "qat_4x4", None), ("qat_channel", "qat_channel",
                                                             None)]:
+    if source not in variants:
+      continue
     target = root / "classifier" / f"{name}_int8"
     exported(root / "classifier" / source, target, rules=rules.replace("+", ","),
              block=block)
@@ -224,10 +230,11 @@ def speed(args, quick) -> dict[str, Any]:
           "decode_tokens": decode_len, "rounds": rounds, "cases": out}
 
 
-def experts(args, root, quick) -> dict[str, Any]:
-  base_dir = root / "moe" / "base"
-  if not (base_dir / "eval.json").exists():
-    raise SystemExit("the experts part needs the GMoE parent: run --parts quality first.")
+def experts(args, data_dir, root, quick) -> dict[str, Any]:
+  base_dir = root / "moe" / "base"  # The quality part's GMoE parent (trained here if absent).
+  spec = MODELS["moe"]
+  common.train_stage(common.with_args(spec, QUICK["base"]) if quick else spec, base_dir,
+                     data_dir)
   batches = QUICK["eval_batches"] if quick else 0
   counts = {domain: profile_counts(base_dir, dataset)
             for domain, dataset in (("in_domain", "wiki_excerpt"), ("out_of_domain", "lee_news"))}
@@ -311,8 +318,15 @@ def plot(result: dict[str, Any], png: str) -> None:
 def main(argv: list[str]) -> None:
   parser = common.chain_parser(__doc__, "runs/quantization")
   parser.add_argument("--parts", default=",".join(PARTS))
+  parser.add_argument("--variants", default=",".join(VARIANTS),
+                      help="QAT variants of the quality and classifier parts (f32 always runs: "
+                      "the control, and the source of the PTQ variants).")
   parser.add_argument("--quick", action="store_true", help="Smoke run (minutes).")
   args = parser.parse_args(argv)
+  args.variants = {"f32", *args.variants.split(",")}
+  unknown = args.variants - set(VARIANTS)
+  if unknown:
+    parser.error(f"--variants: unknown {sorted(unknown)}; choose from {list(VARIANTS)}")
   parts = args.parts.split(",")
   unknown = set(parts) - set(PARTS)
   if unknown:
@@ -327,7 +341,7 @@ def main(argv: list[str]) -> None:
   if "speed" in parts:
     result["speed"] = speed(args, args.quick)
   if "experts" in parts:
-    result["experts"] = experts(args, root, args.quick)
+    result["experts"] = experts(args, data_dir, root, args.quick)
   result["seconds"] = time.perf_counter() - start
   summary = {}
   for model_name, q in result.get("quality", {}).items():

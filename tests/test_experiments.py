@@ -53,6 +53,7 @@ def _run_experiment(*args: str) -> None:
   assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@pytest.mark.slow  # ~90 s on 2 cores; the suite is meant for accelerators.
 def test_accelerator_suite_dry_run(tmp_path):
   """experiments/accelerator_suite.sh end to end at tiny sizes on this backend (DRY=1):
   every benchmark writes its JSON with the device, the GPU-only cuDNN case is skipped

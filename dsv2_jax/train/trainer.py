@@ -509,7 +509,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     return stopped
 
   # 6) Final held-out evaluation over the whole split, and a sample.
-  result = run_eval(train_cfg.steps, 0)
+  result = run_eval(train_cfg.steps, config.eval.final_max_batches)
   writer.close()
   if lead:
     (workdir / "eval.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")

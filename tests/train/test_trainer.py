@@ -93,6 +93,16 @@ def straight(tmp_path_factory, data_dir):
   return workdir
 
 
+def test_final_eval_reads_the_whole_split_unless_capped(tmp_path, data_dir):
+  c = tiny_config(data_dir)
+  c.train.update(steps=2, checkpoint_every=0)
+  c.sample.max_new_tokens = 0
+  whole = trainer.train_and_evaluate(c, tmp_path / "whole")
+  c.eval.final_max_batches = 1
+  capped = trainer.train_and_evaluate(c, tmp_path / "capped")
+  assert capped["tokens"] <= c.eval.batch_size * c.data.seq_len < whole["tokens"]
+
+
 def test_stop_and_resume_is_bit_identical(tmp_path, data_dir, straight):
   c = resumable_config(data_dir)
   resumed = tmp_path / "resumed"
