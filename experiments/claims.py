@@ -92,7 +92,8 @@ JOBS = {job.name: job for job in (
     Job("rlhf", "experiments.rlhf",
         full=("--workdir", "{work}/rlhf", "--policy", "{work}/instruction_tuning/sft",
               "--reward", "{work}/reward_model/reward_mean"),
-        quick=("--quick", "--workdir", "{work}/rlhf", "--policy", "{work}/instruction_tuning/sft",
+        quick=("--quick", "--runs", "ppo", "--workdir", "{work}/rlhf",
+               "--policy", "{work}/instruction_tuning/sft",
                "--reward", "{work}/reward_model/reward_mean"),
         needs=("instruction_tuning", "reward_model"), recorded="rlhf.json"),
 )}
