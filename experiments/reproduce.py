@@ -88,14 +88,17 @@ def run_job(job: claims_lib.Job, argv: list[str], out: pathlib.Path,
 def run_jobs(jobs: list[claims_lib.Job], args: argparse.Namespace,
              jobs_dir: pathlib.Path) -> dict[str, dict[str, Any]]:
   """Runs (or resumes, or reads) every job; returns each one's record."""
-  work = args.workdir or str(jobs_dir / "work" / ("quick" if args.quick else "full"))
+  # Jobs run from the repository root: every path they get is absolute.
+  work = os.path.abspath(args.workdir or jobs_dir / "work" / ("quick" if args.quick else "full"))
   (jobs_dir / "logs").mkdir(parents=True, exist_ok=True)
   records: dict[str, dict[str, Any]] = {}
   for job in jobs:
     argv = job.argv(args.quick, work)
-    out = jobs_dir / f"{job.name}.json"
+    out = jobs_dir.resolve() / f"{job.name}.json"
     sidecar = jobs_dir / f"{job.name}.run.json"
-    shown = common.command(argv[1], argv[2:]) + ("" if job.stdout else f" --out {out}")
+    shown = common.command(argv[1], [os.path.relpath(a) if a.startswith(work) else a
+                                     for a in argv[2:]])
+    shown += "" if job.stdout else f" --out {os.path.relpath(out)}"
     record: dict[str, Any] = {"command": shown}
     recorded = RECORDED_DIR / job.recorded if job.recorded else None
     done = json.loads(sidecar.read_text()) if sidecar.exists() else {}
@@ -105,7 +108,7 @@ def run_jobs(jobs: list[claims_lib.Job], args: argparse.Namespace,
       record.update(status="recorded", json=str(recorded.relative_to(ROOT)),
                     command=json.loads(recorded.read_text()).get("command", "?"))
     elif done.get("argv") == argv and done.get("status") == 0 and out.exists():
-      record.update(status="resumed", json=str(out), seconds=done["seconds"])
+      record.update(status="resumed", json=os.path.relpath(out), seconds=done["seconds"])
     elif failed_needs:
       record.update(status="skipped", why=f"needs {', '.join(failed_needs)}")
     else:
@@ -113,8 +116,8 @@ def run_jobs(jobs: list[claims_lib.Job], args: argparse.Namespace,
       log = jobs_dir / "logs" / f"{job.name}.log"
       status, seconds = run_job(job, argv, out, log)
       sidecar.write_text(json.dumps({"argv": argv, "status": status, "seconds": seconds}))
-      record.update(status="ran" if status == 0 else "failed", json=str(out),
-                    seconds=seconds, log=str(log))
+      record.update(status="ran" if status == 0 else "failed", json=os.path.relpath(out),
+                    seconds=seconds, log=os.path.relpath(log))
       print(f"[{time.strftime('%H:%M:%S')}] {job.name}: "
             f"{'done' if status == 0 else f'FAILED (exit {status}), see {log}'} "
             f"in {seconds / 60:.1f} min", flush=True)
@@ -223,14 +226,17 @@ def main(argv: list[str]) -> int:
   jobs_dir = out / "claims"
   start = time.perf_counter()
   records = run_jobs(needed_jobs(claims), args, jobs_dir)
+  machine = common.machine()
   results = {}
   for name, record in records.items():
     if record["status"] in ("ran", "resumed", "recorded"):
       results[name] = json.loads((ROOT / record["json"]).read_text()
                                  if record["status"] == "recorded"
                                  else pathlib.Path(record["json"]).read_text())
-      if isinstance(results[name], dict) and "machine" in results[name]:
+      if "machine" in results[name]:
         record["machine"] = results[name]["machine"]
+      elif record["status"] != "recorded":  # A CLI job (info, plan): it ran here.
+        record["machine"] = machine
   rows = []
   for claim in claims:
     finding = claims_lib.find(claim, results, args.quick)
@@ -243,7 +249,7 @@ def main(argv: list[str]) -> int:
   table = {"command": " ".join(["python", *shown_argv]), "commit": git_commit(),
            "date": datetime.date.today().isoformat(), "mode": "quick" if args.quick else
            "full", "recorded": args.recorded,
-           "minutes": (time.perf_counter() - start) / 60, "machine": common.machine(),
+           "minutes": (time.perf_counter() - start) / 60, "machine": machine,
            "claims": rows}
   out.mkdir(parents=True, exist_ok=True)
   (out / "claims.json").write_text(json.dumps(table, indent=2, default=str))
