@@ -172,7 +172,8 @@ def markdown(table: dict[str, Any]) -> str:
       where = job.get("json", "")
       status = job["status"] + (f", {job['seconds'] / 60:.1f} min" if "seconds" in job else "")
       machine = (machine_line(job["machine"]) if job.get("machine") else
-                 "machine not recorded in the JSON")
+                 "machine not recorded in the JSON: see the section of docs/results.md "
+                 "that cites it")
       lines.append(f"- `{job['command']}` ({status}; {where}; {machine})")
     lines.append("")
   return "\n".join(lines)
