@@ -23,6 +23,9 @@ import math
 from typing import Any, Callable
 
 REPRODUCED, NOT_REPRODUCED, NOT_COMPARABLE = "reproduced", "not reproduced", "not comparable"
+# CLI jobs that take seconds: the same command in the full and the quick run.
+INFO_PAPER = ("info", "--config", "configs/paper_175b.py", "--json")
+LATENCY_PAPER = ("plan", "--config", "configs/paper_175b.py", "--latency", "h100", "--json")
 PASSKEY_FIXED4 = "configs/tiny.py:width=64,layers=2,seq_len=256,steps=1500,dsa_budget=fixed:4"
 
 
@@ -58,8 +61,7 @@ JOBS = {job.name: job for job in (
         quick=("--parts", "passkey", "--pk_config", PASSKEY_FIXED4 + ",steps=60",
                "--variants", "dsa_entropy,dsa_random", "--pk_eval_batches", "2"),
         recorded="dsa_quality_passkey_fixed4.json"),
-    Job("info_paper", "dsv2_jax", full=("info", "--config", "configs/paper_175b.py", "--json"),
-        quick=("info", "--config", "configs/paper_175b.py", "--json"), stdout=True),
+    Job("info_paper", "dsv2_jax", full=INFO_PAPER, quick=INFO_PAPER, stdout=True),
     Job("moe_benchmark", "experiments.moe_benchmark",
         quick=("--experts", "128", "--repeats", "2", "--impls", "moe_tiled,dense_ffn"),
         recorded="moe_benchmark_intel_e128.json"),
@@ -74,10 +76,7 @@ JOBS = {job.name: job for job in (
                "--workdir", "{work}/quantization"), recorded="quantization.json"),
     Job("parallel_inference", "experiments.parallel_inference",
         recorded="parallel_inference.json"),
-    Job("latency_paper", "dsv2_jax",
-        full=("plan", "--config", "configs/paper_175b.py", "--latency", "h100", "--json"),
-        quick=("plan", "--config", "configs/paper_175b.py", "--latency", "h100", "--json"),
-        stdout=True),
+    Job("latency_paper", "dsv2_jax", full=LATENCY_PAPER, quick=LATENCY_PAPER, stdout=True),
     Job("long_context", "experiments.long_context", full=("--workdir", "{work}/long_context"),
         quick=("--quick", "--adapted", "pi,yarn", "--unadapted", "stage1",
                "--workdir", "{work}/long_context"), recorded="long_context.json"),
