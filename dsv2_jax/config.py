@@ -22,6 +22,7 @@ import ml_collections
 from dsv2_jax.data import pipeline, sources, tokenizer
 from dsv2_jax.model import attention, ffn, layers, moe_dispatch, remat, rope, transformer
 from dsv2_jax.model import dsa as dsa_lib
+from dsv2_jax.model import moe as moe_lib
 
 # The choices of a field are owned by the module that implements them.
 # Local TFDS builders (`dsv2_jax.data.sources.LOCAL_BUILDERS`); any other name is treated
@@ -33,6 +34,8 @@ NORMS = layers.NORMS
 POSITIONS = transformer.POSITIONS
 HEADS = transformer.HEADS
 ROPE_SCALINGS = rope.ROPE_SCALINGS
+YARN_RAMPS = rope.YARN_RAMPS
+ROUTERS = moe_lib.ROUTERS
 ATTENTIONS = attention.ATTENTIONS
 MOE_DISPATCH = moe_dispatch.DISPATCH_PATHS
 TOKENIZERS = tokenizer.TOKENIZERS
@@ -71,6 +74,12 @@ def default_config() -> ml_collections.ConfigDict:
   m.rope_original_length = 0  # Pretrained context length in tokens (yarn; 0 = unset).
   m.yarn_beta_fast = 32.0  # YaRN: frequencies with > beta_fast turns in the original
   m.yarn_beta_slow = 1.0  # length extrapolate; < beta_slow turns interpolate.
+  m.yarn_ramp = "turns"  # One of YARN_RAMPS: turns (the paper's) | dims (DeepSeek-V2, HF).
+  # YaRN temperature m(s, c) = 0.1 c ln s + 1: q and k scale by m(s, yarn_mscale) /
+  # m(s, yarn_mscale_all_dim), the logits by m(s, yarn_mscale_all_dim)^2 (DeepSeek-V2:
+  # 0.707 and 0.707). The defaults give the paper's (0.1 ln s + 1)^2 on the logits.
+  m.yarn_mscale = 1.0
+  m.yarn_mscale_all_dim = 0.0
   m.max_seq_len = 2048  # Position limit in tokens (learned table size; decode cache cap).
   m.tie_embeddings = False  # Share the input embedding with the output head.
   # One of HEADS: 'lm' (next-token logits) or 'scalar' (a reward model's score; trained on
@@ -105,6 +114,23 @@ def default_config() -> ml_collections.ConfigDict:
   m.moe.dispatch = "auto"  # auto | tiled | ragged_dot (auto: tiled on CPU, else ragged_dot).
   m.moe.tile_rows = 0  # Padding unit of the tiled dispatch; 0 picks from tokens and E.
   m.moe.max_tile_rows = 128  # Largest tile; tiles halve from it down to tile_rows.
+  # One of ROUTERS: 'mlp' is the article's 2-layer MLP gate (gate_hidden wide); 'linear'
+  # is DeepSeekMoE's one [D, E] matrix (DeepSeek-V2, docs/deepseek_v2.md).
+  m.moe.router = "mlp"
+  # Group-limited routing (DeepSeek-V2's device-limited routing): the E experts form
+  # n_group groups; a token picks its topk_group best groups (by their best expert) and
+  # its top_k experts among those. n_group = topk_group = 1: no limit.
+  m.moe.n_group = 1
+  m.moe.topk_group = 1
+  m.moe.routed_scaling_factor = 1.0  # Multiplies the routed experts' weights (V2: 16).
+  # Multi-head Latent Attention (DeepSeek-V2 sec. 2.1; dsv2_jax/model/mla.py) replaces the
+  # q/k/v projections when kv_lora_rank > 0; the attention kernel is still model.attention.
+  m.mla = ml_collections.ConfigDict()
+  m.mla.kv_lora_rank = 0  # d_c: the joint KV latent, what decoding caches; 0 = MHA/GQA.
+  m.mla.q_lora_rank = 0  # d_c': low-rank queries through a latent this wide; 0 = full rank.
+  m.mla.qk_nope_head_dim = 128  # d_h: per-head query/key width without RoPE.
+  m.mla.qk_rope_head_dim = 64  # d_h^R: decoupled RoPE width; one RoPE key for all heads.
+  m.mla.v_head_dim = 128  # Per-head value width.
   m.remat_policy = "none"  # none | full | dots | layered | offload | custom (model/remat.py).
   m.remat_names = ""  # remat_policy=custom: comma-separated activations to keep, e.g. "query,key".
   m.scan_layers = True  # nn.scan over layers (fast compile; remat shows in memory).
@@ -358,6 +384,43 @@ def _validate_moe(m: ml_collections.ConfigDict) -> None:
   _check(moe.tile_rows >= 0, f"model.moe.tile_rows={moe.tile_rows} must be >= 0 (0 = auto).")
   _check(moe.max_tile_rows >= 0, f"model.moe.max_tile_rows={moe.max_tile_rows} must be >= 0 "
          "(0 or <= tile_rows: one tile size).")
+  _check_choice(moe.router, "model.moe.router", ROUTERS)
+  _check(isinstance(moe.n_group, int) and moe.n_group >= 1
+         and moe.num_experts % moe.n_group == 0,
+         f"model.moe.n_group={moe.n_group!r} must be a positive divisor of "
+         f"model.moe.num_experts={moe.num_experts} (1 = no group limit).")
+  _check(isinstance(moe.topk_group, int) and 1 <= moe.topk_group <= moe.n_group,
+         f"model.moe.topk_group={moe.topk_group!r} must be in [1, model.moe.n_group="
+         f"{moe.n_group}].")
+  group = moe.num_experts // moe.n_group
+  _check(moe.top_k <= moe.topk_group * group,
+         f"model.moe.top_k={moe.top_k} is more than the {moe.topk_group * group} experts "
+         f"in model.moe.topk_group={moe.topk_group} groups of {group}: raise topk_group.")
+  _check(moe.routed_scaling_factor > 0, f"model.moe.routed_scaling_factor="
+         f"{moe.routed_scaling_factor} must be > 0.")
+
+
+def _validate_mla(m: ml_collections.ConfigDict) -> None:
+  mla = m.mla
+  for field in ("kv_lora_rank", "q_lora_rank"):
+    _check(isinstance(mla[field], int) and mla[field] >= 0,
+           f"model.mla.{field}={mla[field]!r} must be an integer >= 0 (0 = off).")
+  if not mla.kv_lora_rank:
+    _check(not mla.q_lora_rank, f"model.mla.q_lora_rank={mla.q_lora_rank} belongs to "
+           "Multi-head Latent Attention: set model.mla.kv_lora_rank > 0 too, or 0 here.")
+    return
+  for field in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+    _check(isinstance(mla[field], int) and mla[field] >= 1,
+           f"model.mla.{field}={mla[field]!r} must be a positive integer.")
+  _check(mla.qk_rope_head_dim % 2 == 0, f"model.mla.qk_rope_head_dim="
+         f"{mla.qk_rope_head_dim} must be even (RoPE rotates pairs).")
+  _check(m.position == "rope", f"model.position={m.position!r}: Multi-head Latent Attention "
+         "rotates its decoupled key with RoPE; set model.position='rope'.")
+  _check(not m.num_kv_heads, f"model.num_kv_heads={m.num_kv_heads}: Multi-head Latent "
+         "Attention has one latent for all heads (no GQA); set model.num_kv_heads=0.")
+  _check(not m.head_dim, f"model.head_dim={m.head_dim}: with Multi-head Latent Attention "
+         "the head widths are model.mla.qk_nope_head_dim / qk_rope_head_dim / v_head_dim; "
+         "set model.head_dim=0.")
 
 
 def _validate_remat(m: ml_collections.ConfigDict) -> None:
@@ -382,6 +445,10 @@ def _validate_rope(m: ml_collections.ConfigDict) -> None:
     _check(m.yarn_beta_fast > m.yarn_beta_slow > 0,
            f"model.yarn_beta_fast={m.yarn_beta_fast} must exceed model.yarn_beta_slow="
            f"{m.yarn_beta_slow} > 0.")
+    _check_choice(m.yarn_ramp, "model.yarn_ramp", YARN_RAMPS)
+    for field in ("yarn_mscale", "yarn_mscale_all_dim"):
+      _check(m[field] >= 0 and math.isfinite(m[field]),
+             f"model.{field}={m[field]} must be a number >= 0 (0 = no temperature term).")
 
 
 def _validate_windows(config: ml_collections.ConfigDict) -> None:
@@ -467,7 +534,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                   "model.ffn_hidden", "model.vocab_size", "model.max_seq_len",
                   "data.seq_len", "data.batch_size", "train.steps", "eval.batch_size",
                   "train.log_every")
-  if not m.head_dim:
+  mla = bool(m.mla.kv_lora_rank)  # Head widths are then model.mla's.
+  if not m.head_dim and not mla:
     _check(m.d_model % m.num_heads == 0,
            f"model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}: "
            f"pick num_heads among {[n for n in range(1, 65) if m.d_model % n == 0]} "
@@ -475,7 +543,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(num_kv_heads(m) > 0 and m.num_heads % num_kv_heads(m) == 0,
          f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}.")
   if m.position == "rope":
-    _check(head_dim(m) % 2 == 0, f"head dim {head_dim(m)} must be even for RoPE: "
+    _check(mla or head_dim(m) % 2 == 0, f"head dim {head_dim(m)} must be even for RoPE: "
            "change model.d_model / model.num_heads or model.head_dim.")
     _validate_rope(m)
   _check(d.seq_len <= m.max_seq_len,
@@ -490,6 +558,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if m.attention != "dense":
     _validate_dsa(m.dsa)
   _validate_moe(m)
+  _validate_mla(m)
   _validate_remat(m)
   _check_choice(d.tokenizer, "data.tokenizer", TOKENIZERS)
   _check_choice(d.format, "data.format", pipeline.FORMATS)

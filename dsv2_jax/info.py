@@ -73,7 +73,8 @@ def format_info(report: dict[str, Any]) -> str:
   lines = [f"total parameters   {report['total_params']:>16,}",
            f"active per token   {report['active_params']:>16,}",
            f"routed experts     {report['routed_expert_params']:>16,}",
-           f"matmul parameters  {report['matmul_params']:>16,}  (per token)",
+           f"matmul parameters  {report['matmul_params']:>16,}  (per token: active without "
+           "the embedding lookup)",
            f"train FLOPs/token  {report['train_flops_per_token']:>16,.0f}"
            f"  (seq_len {report['seq_len']})", "breakdown:"]
   lines += [f"  {name:<24}{count:>16,}" for name, count in report["breakdown"].items()]

@@ -22,18 +22,25 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # A small GMoE: 4 experts, top-2, tiny gate and experts (compiles in seconds).
 MOE = dict(num_experts=4, top_k=2, gate_hidden=8, expert_hidden=16)
+# Small Multi-head Latent Attention: latent 12 (< 2 N H = 64), 6 + 4 query/key, values 10.
+MLA = dict(kv_lora_rank=12, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=10)
+# A small DeepSeekMoE: linear router over 8 experts in 4 groups (2 allowed), top-2,
+# one shared expert, scaled weights.
+DEEPSEEK_MOE = dict(num_experts=8, top_k=2, expert_hidden=16, router="linear",
+                    num_shared_experts=1, n_group=4, topk_group=2, routed_scaling_factor=2.0)
 
 
 def small_model_config(**fields) -> ml_collections.ConfigDict:
   """The model config of a 2-layer, width-32 byte LM (4 heads, FFN 48, 64 positions).
 
-  `fields` change model fields; `dsa=` and `moe=` take dicts of their sub-fields.
+  `fields` change model fields; `dsa=`, `moe=` and `mla=` take dicts of their sub-fields.
   """
   c = config_lib.default_config().model
   c.update(d_model=32, num_layers=2, num_heads=4, ffn_hidden=48, vocab_size=258,
            max_seq_len=64)
   c.dsa.update(fields.pop("dsa", {}))
   c.moe.update(fields.pop("moe", {}))
+  c.mla.update(fields.pop("mla", {}))
   c.update(fields)
   return c
 

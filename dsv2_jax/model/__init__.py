@@ -13,6 +13,11 @@ the repo. A new size gets a new letter; no letter is reused.
     N  query heads                      K  key/value heads
     G  query heads per key/value head (grouped-query attention): N = K G
     H  head dim
+  Multi-head latent attention (mla.py)
+    c  KV latent width (mla.kv_lora_rank)
+    q  query latent width (mla.q_lora_rank)
+    r  decoupled RoPE width (mla.qk_rope_head_dim); H is then the no-RoPE part
+    O  value head width (mla.v_head_dim)
   Feed-forward and mixture-of-experts (moe*.py)
     F  FFN hidden width (the dense FFN's and each expert's)
     I  router (gate) hidden width
@@ -35,8 +40,8 @@ Dense layers see the residual stream as 2-D tokens [X, D]; only attention reshap
 dots (docs/results.md, "Layout"); on accelerators it is neutral.
 
 Logical axis names (mapped to mesh axes only in `dsv2_jax.parallel.sharding`):
-  parameters   vocab, embed, heads, kv_heads, kv, mlp, expert, expert_mlp, gate_mlp,
-               layers, norm
+  parameters   vocab, embed, heads, kv_heads, kv, q_lora, kv_lora, mlp, expert,
+               expert_mlp, gate_mlp, layers, norm
   activations  tokens (X), batch, length, act_embed, act_heads, act_kv_heads, act_kv,
-               act_mlp, act_vocab
+               act_kv_lora, act_mlp, act_vocab
 """

@@ -23,7 +23,7 @@ import ml_collections
 from dsv2_jax.model import dsa
 from dsv2_jax.model.dense_attention import causal_attention
 from dsv2_jax.model.layers import MASK_VALUE, Einsum, dtype_of
-from dsv2_jax.model.rope import apply_rope, rope_frequencies
+from dsv2_jax.model.rope import apply_rope, config_frequencies, logit_scale
 
 ATTENTIONS = ("dense", "sliding_window", "dsa")  # `model.attention`.
 
@@ -100,11 +100,11 @@ class Attention(nn.Module):
     k = k.reshape(b, t, k_heads, h)  # [B, T, K, H]
     v = v.reshape(b, t, k_heads, h)
     if cfg.position == "rope":
-      inv_freq, factor = rope_frequencies(
-          h, cfg.rope_max_wavelength, cfg.rope_scaling, cfg.rope_scale,
-          cfg.rope_original_length, cfg.yarn_beta_fast, cfg.yarn_beta_slow)
+      inv_freq, factor = config_frequencies(cfg, h)
       q = apply_rope(q, positions, inv_freq, factor)
       k = apply_rope(k, positions, inv_freq, factor)
+      if logit_scale(cfg) != 1.0:  # YaRN's mscale_all_dim: on q, so every kernel sees it.
+        q = (q * logit_scale(cfg)).astype(q.dtype)
     q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", "act_kv"))
     k = nn.with_logical_constraint(k, ("batch", "length", "act_kv_heads", "act_kv"))
     v = nn.with_logical_constraint(v, ("batch", "length", "act_kv_heads", "act_kv"))

@@ -15,7 +15,8 @@ gradients against it). What it does differently, and why (docs/results.md sectio
   with f32 accumulation in both passes (`mixed_precision.dot`), so a bf16 model runs
   every attention matmul on the bf16 units (AMX where the CPU has it).
 
-Shapes follow the repo alphabet: q [B, T, N, H]; k, v [B, T, K, H]; N = K G.
+Shapes follow the repo alphabet: q [B, T, N, H]; k, v [B, T, K, H]; N = K G. Values may
+be narrower or wider than queries and keys (v [B, T, K, O], Multi-head Latent Attention).
 """
 
 from __future__ import annotations
@@ -103,14 +104,14 @@ def _attention(chunk, q, k, v, segments):
 
 def _backward(chunk, saved, g):
   qh, kh, vh, out, probs, segments = saved
-  t, h = g.shape[1], g.shape[3]
+  t, h = g.shape[1], qh.shape[-1]
   scale = 1.0 / math.sqrt(h)
   gh = _heads_major(g, kh.shape[1])
   row_dot = jnp.sum(gh.astype(jnp.float32) * out, axis=-1)  # rowsum(dO * O) [B, K, G, T]
   gh = gh.astype(qh.dtype)
   dq = []
   dk_t = jnp.zeros(kh.shape[:2] + (h, t), jnp.float32)  # [B, K, H, S]: keys last
-  dv_t = jnp.zeros_like(dk_t)
+  dv_t = jnp.zeros(vh.shape[:2] + (vh.shape[-1], t), jnp.float32)
   for (start, end), p in zip(chunk_bounds(t, chunk), probs):
     g_i = gh[:, :, :, start:end]
     # Written with the [t, S] matrix as the untransposed right operand.

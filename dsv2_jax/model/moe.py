@@ -1,10 +1,15 @@
-"""Gated mixture-of-experts (GMoE) feed-forward: 2-layer MLP gate, top-k, dropless dispatch.
+"""Gated mixture-of-experts feed-forward: a router, top-k, dropless dispatch.
 
-  logits = gate_out(act(gate_in(x)))              # the article's 2-layer MLP gate, f32
-  probs  = softmax(logits)                        # over E experts
+  logits = gate_out(act(gate_in(x)))              # 'mlp': the article's 2-layer gate (GMoE)
+         | x @ gate                               # 'linear': DeepSeekMoE's router
+  probs  = softmax(logits)                        # over E experts, f32
   top-k experts by probs + bias                   # bias: loss-free balancing, selection only
-  weights = probs of the chosen (optionally renormalised to sum to 1)
+         among the topk_group best of n_group groups   # group-limited (DeepSeek-V2)
+  weights = probs of the chosen (optionally renormalised) x routed_scaling_factor
   y = sum_k weights_k * expert_{e_k}(x) + shared_experts(x)
+
+`model.moe.router` picks the gate; everything after it (selection, dispatch, shared
+experts, the auxiliary losses) is one code path, so GMoE and DeepSeekMoE share it.
 
 Only the chosen experts run (`moe_dispatch`; split over devices by
 `moe_parallel`); the article's all-experts loop is the
@@ -29,6 +34,17 @@ from dsv2_jax.model.layers import Einsum, dtype_of, weight
 BALANCE_BIAS = "balance_bias"  # Router parameter name, updated by the train step.
 ASSIGNMENT_FRACTION = "assignment_fraction"  # Its sown statistic (fraction per expert).
 PROB_MEAN = "router_prob_mean"  # Sown mean router probability per expert.
+ROUTERS = ("mlp", "linear")  # `model.moe.router`.
+
+
+def limit_groups(scores: jax.Array, n_group: int, topk_group: int) -> jax.Array:
+  """Group-limited routing: scores [X, E] with the experts outside each token's
+  `topk_group` best groups (a group scores its best expert) set to -inf."""
+  x, e = scores.shape
+  grouped = scores.reshape(x, n_group, e // n_group)
+  _, chosen = jax.lax.top_k(jnp.max(grouped, axis=-1), topk_group)  # [X, topk_group]
+  keep = jnp.any(jax.nn.one_hot(chosen, n_group, dtype=jnp.bool_), axis=1)  # [X, groups]
+  return jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(x, e)
 
 
 def balance_loss_from_means(fraction: jax.Array, prob_mean: jax.Array) -> jax.Array:
@@ -55,7 +71,7 @@ def router_z_loss(logits: jax.Array) -> jax.Array:
 
 
 class Router(nn.Module):
-  """2-layer MLP gate -> probs [X, E] (f32) and the top-k choice (indices, weights)."""
+  """The gate (`model.moe.router`) -> probs [X, E] (f32) and the top-k (indices, weights)."""
 
   cfg: ml_collections.FrozenConfigDict
 
@@ -66,13 +82,18 @@ class Router(nn.Module):
     d, e, gh = x.shape[-1], moe.num_experts, moe.gate_hidden
     dense = lambda shape, axes, name: Einsum(  # noqa: E731
         shape, axes, (0,), dtype_of(cfg.dtype), dtype_of(cfg.param_dtype), name=name)
-    h = ACTIVATIONS[moe.gate_activation](dense((d, gh), ("embed", "gate_mlp"), "gate_in")(
-        "XD,DI->XI", x))
-    # The gate's output layer runs in f32: bf16 rounding would change the top-k.
-    w_out = self.param("gate_out", nn.with_logical_partitioning(
-        nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
-        ("gate_mlp", "expert")), (gh, e), dtype_of(cfg.param_dtype))
-    logits = jnp.dot(h.astype(jnp.float32), weight(w_out, jnp.float32))
+    f32_weight = lambda name, shape, axes: weight(self.param(  # noqa: E731
+        name, nn.with_logical_partitioning(nn.initializers.variance_scaling(
+            1.0, "fan_in", "truncated_normal"), axes), shape, dtype_of(cfg.param_dtype)),
+        jnp.float32)
+    # The layer that gives the logits runs in f32: bf16 rounding would change the top-k.
+    if moe.router == "linear":
+      logits = jnp.dot(x.astype(jnp.float32), f32_weight("gate", (d, e), ("embed", "expert")))
+    else:
+      h = ACTIVATIONS[moe.gate_activation](dense((d, gh), ("embed", "gate_mlp"), "gate_in")(
+          "XD,DI->XI", x))
+      logits = jnp.dot(h.astype(jnp.float32),
+                       f32_weight("gate_out", (gh, e), ("gate_mlp", "expert")))
     probs = jax.nn.softmax(logits, axis=-1)
     select = probs
     if moe.balance_bias_rate > 0:
@@ -82,6 +103,8 @@ class Router(nn.Module):
       bias = self.param(BALANCE_BIAS, nn.with_logical_partitioning(
           nn.initializers.zeros, ("expert",)), (e,), jnp.float32)
       select = probs + jax.lax.stop_gradient(bias)
+    if moe.topk_group < moe.n_group:
+      select = limit_groups(select, moe.n_group, moe.topk_group)
     _, expert_idx = jax.lax.top_k(jax.lax.stop_gradient(select), moe.top_k)
     # f and P of the balancing loss E sum f P (`balance_loss_from_means`), sown as means
     # so that microbatches (pipeline, accumulation) combine them exactly.
@@ -91,6 +114,8 @@ class Router(nn.Module):
     weights = jnp.take_along_axis(probs, expert_idx, axis=-1)
     if moe.renormalize:
       weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    if moe.routed_scaling_factor != 1.0:
+      weights = weights * moe.routed_scaling_factor
     return logits, probs, expert_idx, weights
 
 

@@ -10,7 +10,8 @@ input. Every policy gives the same gradients as `none`; they differ in memory an
   dots     keep every matmul output (no batch dims), recompute the element-wise rest.
   layered  the article's policy (SPEC 2.2): keep the FFN activations (gate, up, hidden)
            and the attention's Q and K; recompute V, the attention itself, the norms and
-           the projections' outputs. An MoE FFN keeps its routing, gathered rows and expert
+           the projections' outputs (MLA keeps its latents too: V is recomputed from
+           them). An MoE FFN keeps its routing, gathered rows and expert
            activations; DSA keeps its token scores and selection ([B, T] and a few indices
            per block), so the backward pass never redoes the top-k.
   offload  keep what `layered` keeps, in host memory (memory kind 'pinned_host'), and
@@ -31,6 +32,9 @@ TAGS: dict[str, str] = {
     "key": "attention: K after RoPE [B, T, K, H]",
     "value": "attention: V [B, T, K, H]",
     "attention_out": "attention: output before the out projection [B, T, N, H]",
+    "kv_latent": "MLA: the joint KV latent c_kv after its norm [X, c]",
+    "key_rope": "MLA: the decoupled RoPE key shared by all heads [B, T, r]",
+    "query_latent": "MLA: the low-rank query latent after its norm [X, q]",
     "dsa_scores": "DSA: per-token selection score [B, T]",
     "dsa_selection": "DSA: selected positions per query block",
     "ffn_gate": "FFN: gate projection [X, F]",
@@ -44,7 +48,7 @@ TAGS: dict[str, str] = {
     "moe_out": "MoE: combined expert output [X, D]",
 }
 
-LAYERED = ("query", "key", "dsa_scores", "dsa_selection", "ffn_gate", "ffn_up", "ffn_hidden",
+LAYERED = ("query", "key", "kv_latent", "key_rope", "query_latent", "dsa_scores", "dsa_selection", "ffn_gate", "ffn_up", "ffn_hidden",
            "moe_routing", "moe_rows", "moe_expert_pre", "moe_expert_out")
 
 OFFLOAD_SRC, OFFLOAD_DST = "device", "pinned_host"

@@ -18,8 +18,14 @@ fold by rescaling the frequencies (`model.rope_scaling`, one of `ROPE_SCALINGS`)
           0, 1), theta'_i = (1 - gamma_i) theta_i / s + gamma_i theta_i (fast pairs keep
           their frequency, slow ones interpolate), plus the attention temperature
           sqrt(1/t) = 0.1 ln s + 1 multiplied into both q and k (logits scale by its
-          square), as in the paper's reference code and Hugging Face transformers. Those
-          ramp over rounded dimension indices; the ramp here is the paper's, over r_i.
+          square), as in the paper's reference code and Hugging Face transformers.
+          `yarn_ramp` picks the ramp: 'turns' (the default) is the paper's, linear in r_i;
+          'dims' is the reference code's (DeepSeek-V2, Hugging Face), linear over the pair
+          index i between the rounded indices where r_i = beta_fast and r_i = beta_slow.
+          DeepSeek-V2 sets the temperature with two constants (`yarn_mscale`,
+          `yarn_mscale_all_dim`; m(s, c) = 0.1 c ln s + 1): q and k are multiplied by
+          m(s, mscale) / m(s, mscale_all_dim) and the logits by m(s, mscale_all_dim)^2
+          (`logit_scale`); the defaults (1, 0) give the paper's (0.1 ln s + 1)^2.
 
 The per-pair scaling factors are computed in float64 numpy from the static config; the
 base frequencies and the rotation stay in f32 exactly as before the extensions existed,
@@ -35,11 +41,32 @@ import jax.numpy as jnp
 import numpy as np
 
 ROPE_SCALINGS = ("none", "linear", "ntk", "yarn")  # `model.rope_scaling`.
+YARN_RAMPS = ("turns", "dims")  # `model.yarn_ramp`.
+
+
+def yarn_mscale(scale: float, constant: float) -> float:
+  """YaRN's m(s, c) = 0.1 c ln s + 1 (1 for s <= 1 or c = 0)."""
+  return 0.1 * constant * math.log(scale) + 1.0 if scale > 1 and constant else 1.0
+
+
+def _dims_ramp(head_dim: int, max_wavelength: float, original_length: int,
+               beta_fast: float, beta_slow: float) -> np.ndarray:
+  """The reference code's YaRN ramp: 0 for pairs below the (floored) index where
+  r_i = beta_fast, 1 above the (ceiled) index where r_i = beta_slow, linear between."""
+  def index(turns):  # The fractional pair index i with r_i = turns.
+    return head_dim * math.log(original_length / (turns * 2 * math.pi)) / (
+        2 * math.log(max_wavelength))
+  low = max(math.floor(index(beta_fast)), 0)
+  high = min(math.ceil(index(beta_slow)), head_dim - 1)
+  if low == high:
+    high += 0.001  # As the reference code: no division by zero.
+  i = np.arange(head_dim // 2, dtype=np.float64)
+  return np.clip((i - low) / (high - low), 0.0, 1.0)
 
 
 def _frequency_ratios(head_dim: int, max_wavelength: float, scaling: str, scale: float,
-                      original_length: int, beta_fast: float,
-                      beta_slow: float) -> np.ndarray | None:
+                      original_length: int, beta_fast: float, beta_slow: float,
+                      ramp: str = "turns") -> np.ndarray | None:
   """float64 [H/2] factors theta'_i / theta_i of a scaling; None for 'none'."""
   half = head_dim // 2
   i = np.arange(half, dtype=np.float64)
@@ -58,9 +85,15 @@ def _frequency_ratios(head_dim: int, max_wavelength: float, scaling: str, scale:
                        f"got {original_length}.")
     if not beta_fast > beta_slow:
       raise ValueError(f"YaRN needs beta_fast > beta_slow, got {beta_fast}, {beta_slow}.")
-    inv_freq = max_wavelength ** (-i / half)  # [H/2] theta_i = b^(-2i/H)
-    turns = original_length * inv_freq / (2 * math.pi)  # r_i = L / lambda_i
-    gamma = np.clip((turns - beta_slow) / (beta_fast - beta_slow), 0.0, 1.0)
+    if ramp == "dims":
+      gamma = 1.0 - _dims_ramp(head_dim, max_wavelength, original_length, beta_fast,
+                               beta_slow)
+    elif ramp == "turns":
+      inv_freq = max_wavelength ** (-i / half)  # [H/2] theta_i = b^(-2i/H)
+      turns = original_length * inv_freq / (2 * math.pi)  # r_i = L / lambda_i
+      gamma = np.clip((turns - beta_slow) / (beta_fast - beta_slow), 0.0, 1.0)
+    else:
+      raise ValueError(f"yarn ramp {ramp!r} is not one of {YARN_RAMPS}.")
     return (1.0 - gamma) / scale + gamma
   raise ValueError(f"rope scaling {scaling!r} is not one of {ROPE_SCALINGS}.")
 
@@ -68,7 +101,8 @@ def _frequency_ratios(head_dim: int, max_wavelength: float, scaling: str, scale:
 def rope_frequencies(head_dim: int, max_wavelength: float = 10_000.0,
                      scaling: str = "none", scale: float = 1.0, original_length: int = 0,
                      beta_fast: float = 32.0,
-                     beta_slow: float = 1.0) -> tuple[jax.Array, float]:
+                     beta_slow: float = 1.0, ramp: str = "turns", mscale: float = 1.0,
+                     mscale_all_dim: float = 0.0) -> tuple[jax.Array, float]:
   """The rotation frequencies of a RoPE scaling and its attention factor.
 
   Args:
@@ -79,10 +113,13 @@ def rope_frequencies(head_dim: int, max_wavelength: float = 10_000.0,
     original_length: L, the pretrained context length (yarn only).
     beta_fast: yarn: pairs with more turns than this within L keep their frequency.
     beta_slow: yarn: pairs with fewer turns than this are interpolated (divided by s).
+    ramp: yarn: one of `YARN_RAMPS` (see the module docstring).
+    mscale, mscale_all_dim: yarn: the temperature constants (see the module docstring).
 
   Returns:
     (f32 [H/2] inverse frequencies theta'_i in radians per position, the factor that
-    multiplies the rotated q and k: 0.1 ln s + 1 for yarn, else 1).
+    multiplies the rotated q and k: m(s, mscale) / m(s, mscale_all_dim) for yarn, by
+    default 0.1 ln s + 1; else 1).
   """
   if head_dim % 2:
     raise ValueError(f"RoPE needs an even head_dim, got {head_dim}.")
@@ -93,11 +130,29 @@ def rope_frequencies(head_dim: int, max_wavelength: float = 10_000.0,
   # 192), so plain RoPE stays bit-identical across this change.
   inv_freq = max_wavelength ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [H/2]
   ratios = _frequency_ratios(head_dim, max_wavelength, scaling, scale, original_length,
-                             beta_fast, beta_slow)
+                             beta_fast, beta_slow, ramp)
   if ratios is not None:
     inv_freq = inv_freq * jnp.asarray(ratios, jnp.float32)
-  factor = 0.1 * math.log(scale) + 1.0 if scaling == "yarn" else 1.0
+  factor = 1.0
+  if scaling == "yarn":
+    factor = yarn_mscale(scale, mscale) / yarn_mscale(scale, mscale_all_dim)
   return inv_freq, factor
+
+
+def config_frequencies(cfg, head_dim: int) -> tuple[jax.Array, float]:
+  """`rope_frequencies` of a `model` config section for rotated width `head_dim`."""
+  return rope_frequencies(head_dim, cfg.rope_max_wavelength, cfg.rope_scaling,
+                          cfg.rope_scale, cfg.rope_original_length, cfg.yarn_beta_fast,
+                          cfg.yarn_beta_slow, cfg.yarn_ramp, cfg.yarn_mscale,
+                          cfg.yarn_mscale_all_dim)
+
+
+def logit_scale(cfg) -> float:
+  """The factor on the attention logits beyond 1/sqrt(head dim): m(s, mscale_all_dim)^2
+  for yarn (DeepSeek-V2's softmax scale), else 1."""
+  if cfg.position != "rope" or cfg.rope_scaling != "yarn":
+    return 1.0
+  return yarn_mscale(cfg.rope_scale, cfg.yarn_mscale_all_dim) ** 2
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array,

@@ -17,6 +17,7 @@ import ml_collections
 
 from dsv2_jax.model import remat
 from dsv2_jax.model.attention import Attention
+from dsv2_jax.model.mla import MultiHeadLatentAttention
 from dsv2_jax.model.ffn import FeedForward
 from dsv2_jax.model.moe import MoEFeedForward
 from dsv2_jax.model.layers import Einsum, Embedder, Norm, dtype_of
@@ -47,7 +48,8 @@ class DecoderBlock(nn.Module):
     norm = lambda name: Norm(cfg.norm, cfg.norm_eps, dtype_of(cfg.dtype),  # noqa: E731
                              dtype_of(cfg.param_dtype), name=name)
     dropout = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
-    h = Attention(cfg, self.decode, self.packed, name="attention")(
+    attention = MultiHeadLatentAttention if cfg.mla.kv_lora_rank else Attention
+    h = attention(cfg, self.decode, self.packed, name="attention")(
         norm("attention_norm")(x), positions)
     x = x + dropout(h)
     ffn = MoEFeedForward(cfg, name="moe") if self.moe else FeedForward(cfg, name="ffn")

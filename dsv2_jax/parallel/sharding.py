@@ -32,6 +32,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),
     ("act_kv", None),
+    ("act_kv_lora", None),  # MLA's KV latent [X, c]: small, kept whole.
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
     # Parameters (and, through optax, their optimizer state).
@@ -40,6 +41,10 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("kv", None),
+    # MLA's latent widths: ZeRO-3 shards the up-projections over them (the down
+    # projections take fsdp on 'embed' first; a mesh axis serves one dimension).
+    ("q_lora", "fsdp"),
+    ("kv_lora", "fsdp"),
     ("mlp", "tensor"),
     ("expert", "expert"),
     ("expert_mlp", "tensor"),

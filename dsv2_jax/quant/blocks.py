@@ -66,7 +66,7 @@ def split_axes(names: tuple[str | None, ...]) -> tuple[tuple[int, ...], tuple[in
   axes = tuple(range(len(names)))
   if len(axes) < 2:
     raise ValueError(f"a weight with matrix axes {names} has no matrix to quantize.")
-  if names[0] == "embed":
+  if names[0] in ("embed", "q_lora", "kv_lora"):  # Input width first: 'XD,DNH', 'Xc,cNH'.
     return axes[:1], axes[1:]
   if names == ("vocab", "embed"):
     return axes[1:], axes[:1]

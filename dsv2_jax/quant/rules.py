@@ -6,8 +6,8 @@
   MODULE  parameters (paths in the params tree)
   ffn        the dense FFN and the shared experts (up, gate, down)
   experts    the routed experts' w_in and w_out
-  router     the GMoE gate (its two layers)
-  attention  the q, k, v and output projections
+  router     the MoE gate (its two layers, or DeepSeekMoE's one)
+  attention  the q, k, v and output projections (and MLA's down/up projections)
   embed      the token embedding table (also the tied output head)
   head       the untied output head
 
@@ -34,8 +34,9 @@ from dsv2_jax.quant.blocks import Layout
 MODULES = {
     "ffn": r"(^|.*/)(ffn|shared_experts)/(up|gate|down)/w",
     "experts": r"(^|.*/)moe/w_(in|out)",
-    "router": r"(^|.*/)moe/router/(gate_in/w|gate_out)",
-    "attention": r"(^|.*/)attention/(query|key|value|out)/w",
+    "router": r"(^|.*/)moe/router/(gate_in/w|gate_out|gate$)",
+    "attention": (r"(^|.*/)attention/(query|key|value|out|query_down|query_up|kv_down|"
+                  r"key_rope|key_up|value_up)/w"),
     "embed": r"embedder/embedding",
     "head": r"head/w",
 }
