@@ -67,6 +67,14 @@ MODELS = {
     "dsa": dict(attention="dsa", dsa=dict(window=8, block=8, budget="fixed", budget_value=4)),
     "moe": dict(num_layers=2,  # Fewer than the others: MoE layers compile slowly.
                 moe=dict(num_experts=8, top_k=2, gate_hidden=16, expert_hidden=32)),
+    # The DeepSeek-V2 layout: MLA with low-rank queries, one dense layer, then DeepSeekMoE
+    # (linear router, 2 of 4 groups, a shared expert, scaled weights).
+    "v2": dict(num_layers=3,
+               mla=dict(kv_lora_rank=16, q_lora_rank=12, qk_nope_head_dim=8,
+                        qk_rope_head_dim=4, v_head_dim=8),
+               moe=dict(num_experts=8, top_k=2, expert_hidden=16, router="linear",
+                        num_shared_experts=1, n_group=4, topk_group=2,
+                        routed_scaling_factor=2.0, first_dense_layers=1)),
 }
 ROWS, LENGTH, STEPS = 8, 32, 3
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
@@ -125,7 +133,8 @@ def run(model_name: str, layout: str) -> dict:
     losses.append(float(metrics["loss"]))
   flat = flax.traverse_util.flatten_dict(state.params, sep="/")
   shards = {k: list(v.sharding.shard_shape(v.shape)) for k, v in flat.items()
-            if k.endswith(("query/w", "ffn/up/w", "moe/w_in", "embedder/embedding"))}
+            if k.endswith(("query/w", "ffn/up/w", "moe/w_in", "embedder/embedding",
+                           "key_up/w", "kv_down/w", "query_up/w"))}
   return {"losses": losses, "grads": grads, "shards": shards, "collectives": collectives,
           "metrics": {k: float(v) for k, v in metrics.items()}}
 

@@ -73,7 +73,8 @@ class MultiHeadLatentAttention(nn.Module):
 
     if mla.q_lora_rank:
       q_latent = dense((d, mla.q_lora_rank), ("embed", "q_lora"), "query_down")("XD,Dq->Xq", x)
-      q_latent = checkpoint_name(norm("query_norm")(q_latent), "query_latent")
+      q_latent = norm("query_norm")(q_latent)
+      q_latent = checkpoint_name(q_latent, "query_latent")
       q = dense((mla.q_lora_rank, n, nope + rope), ("q_lora", "heads", "kv"), "query_up")(
           "Xq,qNH->XNH", q_latent)
     else:

@@ -94,12 +94,12 @@ def our_cached_logits(model, params, ids, first):
   cache = model.init(jax.random.PRNGKey(0), jnp.zeros((ids.shape[0], ids.shape[1]), jnp.int32),
                      decode=True)["cache"]
   cache = jax.tree.map(jnp.zeros_like, cache)
-  logits, mutated = model.apply({"params": params, "cache": cache}, ids[:, :first],
-                                decode=True, mutable=["cache"])
+  step = jax.jit(lambda c, t: model.apply({"params": params, "cache": c}, t, decode=True,
+                                          mutable=["cache"]))
+  logits, mutated = step(cache, ids[:, :first])
   outs = [np.asarray(logits)]
   for i in range(first, ids.shape[1]):
-    logits, mutated = model.apply({"params": params, "cache": mutated["cache"]},
-                                  ids[:, i:i + 1], decode=True, mutable=["cache"])
+    logits, mutated = step(mutated["cache"], ids[:, i:i + 1])
     outs.append(np.asarray(logits))
   return np.concatenate(outs, axis=1)
 
@@ -112,7 +112,7 @@ def test_full_forward_and_cached_decode_match_transformers(tmp_path, fields):
   ids = tokens()
   want = hf_logits(hf, ids)
   assert want.std() > 0.5  # Logits far from uniform: the comparison is sharp.
-  got = np.asarray(model.apply({"params": params}, jnp.asarray(ids)))
+  got = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(ids)))
   np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
   decoded = our_cached_logits(model, params, jnp.asarray(ids), first=9)
   np.testing.assert_allclose(decoded, want, atol=TOL, rtol=0)

@@ -28,12 +28,12 @@ def decode_in_pieces(model, params, tokens, first: int, slots: int = 24):
   cache = model.init(jax.random.PRNGKey(0), jnp.zeros((tokens.shape[0], slots), jnp.int32),
                      decode=True)["cache"]
   cache = jax.tree.map(jnp.zeros_like, cache)
-  logits, mutated = model.apply({"params": params, "cache": cache}, tokens[:, :first],
-                                decode=True, mutable=["cache"])
+  step = jax.jit(lambda c, t: model.apply({"params": params, "cache": c}, t, decode=True,
+                                          mutable=["cache"]))
+  logits, mutated = step(cache, tokens[:, :first])
   outs = [logits]
   for i in range(first, tokens.shape[1]):
-    logits, mutated = model.apply({"params": params, "cache": mutated["cache"]},
-                                  tokens[:, i:i + 1], decode=True, mutable=["cache"])
+    logits, mutated = step(mutated["cache"], tokens[:, i:i + 1])
     outs.append(logits)
   return np.concatenate(outs, axis=1), mutated["cache"]
 

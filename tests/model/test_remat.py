@@ -17,9 +17,10 @@ import pytest
 from dsv2_jax import config as config_lib
 from dsv2_jax.model import remat
 from dsv2_jax.model.transformer import DecoderBlock
-from tests.helpers import MOE, init, small_model_config, tiny_config
+from tests.helpers import DEEPSEEK_MOE, MLA, MOE, init, small_model_config, tiny_config
 
 DSA_MOE = dict(attention="dsa", dsa=dict(window=4, block=4, budget_value=0.3), moe=MOE)
+V2 = dict(mla=dict(MLA, q_lora_rank=10), moe=DEEPSEEK_MOE)  # The DeepSeek-V2 layout.
 POLICY_CASES = [("full", ""), ("dots", ""), ("layered", ""), ("offload", ""),
                 ("custom", "value,ffn_down,moe_out")]
 
@@ -38,7 +39,8 @@ def grads(cfg, tokens_seed=0):
     (dict(), POLICY_CASES),
     # DSA + GMoE under -m slow (its residuals are checked by the default suite below).
     pytest.param(DSA_MOE, POLICY_CASES, marks=pytest.mark.slow),
-], ids=["dense", "dsa_moe_every_policy"])
+    pytest.param(V2, POLICY_CASES, marks=pytest.mark.slow),
+], ids=["dense", "dsa_moe_every_policy", "mla_deepseek_moe_every_policy"])
 def test_every_policy_gives_the_gradients_of_no_remat(model_kw, policies):
   reference = grads(small_model_config(**model_kw))
   for name, names in policies:
@@ -96,6 +98,18 @@ def test_layered_on_a_dsa_moe_block_keeps_selection_routing_and_expert_activatio
   assert {"query", "key", "dsa_selection", "moe_routing", "moe_rows", "moe_expert_pre",
           "moe_expert_out"} <= kept <= set(remat.LAYERED)
   assert "value" not in kept and computed(lines) == []
+
+
+def test_layered_on_an_mla_block_keeps_its_latents_q_and_k_and_recomputes_v():
+  lines = block_residuals("layered", **V2)
+  # key_rope is allowed but not needed: K (which holds it) is kept, and RoPE's backward
+  # pass needs only sin and cos.
+  assert named(lines) == {"query", "key", "kv_latent", "query_latent",
+                          "moe_routing", "moe_rows", "moe_expert_pre", "moe_expert_out",
+                          "ffn_gate", "ffn_up", "ffn_hidden"}  # (ffn_*: the shared expert)
+  assert computed(lines) == []
+  full = block_residuals("custom", "kv_latent,key_rope", **V2)
+  assert named(full) == {"kv_latent", "key_rope"} and computed(full) == []
 
 
 def test_full_keeps_only_inputs_and_custom_keeps_what_it_lists():

@@ -111,15 +111,19 @@ def test_layout_parse_rejects(text):
     blocks.Layout.parse(text)
 
 
-@pytest.mark.parametrize("moe", [{}, helpers.MOE])
-def test_matrix_view_contracts_what_each_einsum_contracts(moe):
+@pytest.mark.parametrize("moe,mla", [({}, {}), (helpers.MOE, {}),
+                                     (helpers.DEEPSEEK_MOE, dict(helpers.MLA, q_lora_rank=8))],
+                         ids=["dense", "gmoe", "deepseek_v2"])
+def test_matrix_view_contracts_what_each_einsum_contracts(moe, mla):
   """Each weight's contracted axes are those its einsum contracts (fan-in as written in
-  the model: 'XD,DNH', 'XNH,NHD', 'XD,VD' for the tied head, ...)."""
-  cfg = helpers.small_model_config(moe=moe, tie_embeddings=False)
+  the model: 'XD,DNH', 'XNH,NHD', 'XD,VD' for the tied head, 'Xc,cNH' for MLA, ...)."""
+  cfg = helpers.small_model_config(moe=moe, mla=mla, tie_embeddings=False)
   boxed = jax.eval_shape(lambda: helpers.build_model(cfg).init(
       jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
   fan_in = {"query": 1, "key": 1, "value": 1, "out": 2, "up": 1, "gate": 1, "down": 1,
-            "gate_in": 1, "gate_out": 1, "w_in": 1, "w_out": 1, "head": 1, "embedding": 1}
+            "gate_in": 1, "gate_out": 1, "w_in": 1, "w_out": 1, "head": 1, "embedding": 1,
+            "query_down": 1, "query_up": 1, "kv_down": 1, "key_rope": 1, "key_up": 1,
+            "value_up": 1}
   seen = set()
   for keys, leaf in jax.tree_util.tree_flatten_with_path(
       boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]:
@@ -129,13 +133,18 @@ def test_matrix_view_contracts_what_each_einsum_contracts(moe):
     name = keys[-1].key if keys[-1].key not in ("w",) else keys[-2].key
     _, contract, _ = blocks.matrix_axes(names)
     assert len(contract) == fan_in[name], (name, names)
-    want = "embed" if name in ("query", "key", "value", "up", "gate", "gate_in", "w_in",
-                               "head", "embedding") else None
+    want = {"query_up": "q_lora", "key_up": "kv_lora", "value_up": "kv_lora"}.get(name)
+    if name in ("query", "key", "value", "up", "gate", "gate_in", "w_in", "head", "embedding",
+                "query_down", "kv_down", "key_rope"):
+      want = "embed"
     if want:
       assert [names[a] for a in contract] == [want], (name, names)
     seen.add(name)
-  assert {"query", "out", "head", "embedding"} <= seen
-  assert ({"w_in", "w_out", "gate_out"} <= seen) == bool(moe)
+  assert {"out", "head", "embedding"} <= seen and ("query" in seen) != bool(mla)
+  assert ({"w_in", "w_out"} <= seen) == bool(moe)
+  assert ("gate_out" in seen) == (moe.get("router", "mlp") == "mlp" and bool(moe))
+  assert ({"query_down", "query_up", "kv_down", "key_rope", "key_up", "value_up"} <= seen
+          ) == bool(mla)
 
 
 def test_straight_through_gradient_and_penalty():
