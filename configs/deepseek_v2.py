@@ -68,6 +68,8 @@ def tiny_config(variant: str, args) -> config_lib.ml_collections.ConfigDict:
   m.update(position="rope", attention=args.attention, remat_policy=args.remat or "none")
   if m.remat_policy != "none":
     m.scan_unroll = 1
+  if args.attention != "dense":
+    c.sample.max_new_tokens = 0  # Decoding MLA is built for dense attention only.
   m.mla.update(kv_lora_rank=width // 2, q_lora_rank=(3 * width // 4) if variant == "full" else 0,
                qk_nope_head_dim=width // 4, qk_rope_head_dim=width // 8,
                v_head_dim=width // 4)
@@ -91,6 +93,8 @@ def get_config(arg: str | None = None):
   c = hf_deepseek_v2.model_config(PUBLISHED[args.variant])
   c.model.update(dtype="bfloat16", attention=args.attention,
                  remat_policy=args.remat or "layered")
+  if args.attention != "dense":
+    c.sample.max_new_tokens = 0  # Decoding MLA is built for dense attention only.
   # Pretraining as the paper: 4K-token rows, AdamW (0.9, 0.95), weight decay 0.1, clip 1.0,
   # warmup 2,000 steps to 2.4e-4 (full) / 4.2e-4 (Lite).
   c.data.update(dataset="c4/en", seq_len=4096, batch_size=1024)

@@ -316,6 +316,10 @@ def _generation_args(config) -> tuple[str, int, float, int, float]:
 def _generate() -> None:
   from dsv2_jax.infer import retrieval  # pylint: disable=g-import-not-at-top
   config, run = _open_run()
+  if config.model.mla.kv_lora_rank and config.model.attention != "dense":
+    raise UsageError(f"generate: decoding Multi-head Latent Attention is built for dense "
+                     f"attention only, and this run uses {config.model.attention!r}; "
+                     "evaluate it with `eval` instead.")
   prompt, max_new, temperature, top_k, top_p = _generation_args(config)  # Before the restore.
   window = _window(config, "sample", run.sample_window()[0])
   index = _rag_index(run)

@@ -400,7 +400,8 @@ def _validate_moe(m: ml_collections.ConfigDict) -> None:
          f"{moe.routed_scaling_factor} must be > 0.")
 
 
-def _validate_mla(m: ml_collections.ConfigDict) -> None:
+def _validate_mla(config: ml_collections.ConfigDict) -> None:
+  m = config.model
   mla = m.mla
   for field in ("kv_lora_rank", "q_lora_rank"):
     _check(isinstance(mla[field], int) and mla[field] >= 0,
@@ -418,6 +419,10 @@ def _validate_mla(m: ml_collections.ConfigDict) -> None:
          "rotates its decoupled key with RoPE; set model.position='rope'.")
   _check(not m.num_kv_heads, f"model.num_kv_heads={m.num_kv_heads}: Multi-head Latent "
          "Attention has one latent for all heads (no GQA); set model.num_kv_heads=0.")
+  _check(m.attention == "dense" or not config.sample.max_new_tokens, f"model.attention="
+         f"{m.attention!r} with Multi-head Latent Attention trains and evaluates, but decoding "
+         "it is built for dense attention only: set sample.max_new_tokens=0 (no sample "
+         "after training) or model.attention='dense'.")
   _check(not m.head_dim, f"model.head_dim={m.head_dim}: with Multi-head Latent Attention "
          "the head widths are model.mla.qk_nope_head_dim / qk_rope_head_dim / v_head_dim; "
          "set model.head_dim=0.")
@@ -558,7 +563,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if m.attention != "dense":
     _validate_dsa(m.dsa)
   _validate_moe(m)
-  _validate_mla(m)
+  _validate_mla(config)
   _validate_remat(m)
   _check_choice(d.tokenizer, "data.tokenizer", TOKENIZERS)
   _check_choice(d.format, "data.format", pipeline.FORMATS)

@@ -7,7 +7,10 @@ changed, so a test names only what it varies.
 
 from __future__ import annotations
 
+import os
 import pathlib
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -22,8 +25,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # A small GMoE: 4 experts, top-2, tiny gate and experts (compiles in seconds).
 MOE = dict(num_experts=4, top_k=2, gate_hidden=8, expert_hidden=16)
-# Small Multi-head Latent Attention: latent 12 (< 2 N H = 64), 6 + 4 query/key, values 10.
-MLA = dict(kv_lora_rank=12, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=10)
+# Small Multi-head Latent Attention: latent 12 (< 2 N H = 64), 6 + 4 query/key, values 8.
+MLA = dict(kv_lora_rank=12, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=8)
 # A small DeepSeekMoE: linear router over 8 experts in 4 groups (2 allowed), top-2,
 # one shared expert, scaled weights.
 DEEPSEEK_MOE = dict(num_experts=8, top_k=2, expert_hidden=16, router="linear",
@@ -70,3 +73,15 @@ def tiny_config(data_dir: str) -> ml_collections.ConfigDict:
   c.eval.update(batch_size=32, max_batches=2)
   c.sample.update(max_new_tokens=8)
   return c
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+  """`python -m dsv2_jax ARGS` in a fresh process (stdout/stderr as text); raises with both
+  when `check` and the exit status is not 0."""
+  env = dict(os.environ, JAX_PLATFORMS="")  # As a user runs it: JAX picks the backend.
+  proc = subprocess.run([sys.executable, "-m", "dsv2_jax", *args], capture_output=True,
+                        env=env, cwd=REPO, timeout=600)
+  proc.stdout, proc.stderr = (x.decode("utf-8", "replace") for x in (proc.stdout, proc.stderr))
+  if check and proc.returncode != 0:
+    raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+  return proc

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +11,7 @@ import pytest
 
 from dsv2_jax.data.tokenizer import ByteTokenizer
 from dsv2_jax.train import trainer
-from tests.helpers import REPO
+from tests.helpers import REPO, cli
 
 TINY_CONFIG = str(REPO / "configs" / "tiny.py")
 TINY = [
@@ -24,16 +21,6 @@ TINY = [
     "--config.train.log_every=2", "--config.eval.max_batches=2", "--config.eval.batch_size=32",
     "--config.sample.max_new_tokens=5",
 ]
-
-
-def cli(*args, check=True):
-  env = dict(os.environ, JAX_PLATFORMS="")  # As a user runs it: JAX picks the backend.
-  proc = subprocess.run([sys.executable, "-m", "dsv2_jax", *args], capture_output=True,
-                        env=env, cwd=REPO, timeout=600)
-  proc.stdout, proc.stderr = (x.decode("utf-8", "replace") for x in (proc.stdout, proc.stderr))
-  if check and proc.returncode != 0:
-    raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-  return proc
 
 
 @pytest.fixture(scope="module")

@@ -46,6 +46,20 @@ def cache_values_per_token(cfg: ml_collections.ConfigDict) -> int:
   return 2 * (cfg.num_kv_heads or cfg.num_heads) * (cfg.head_dim or cfg.d_model // cfg.num_heads)
 
 
+def _equal_widths(kernel, q, k, v, *args):
+  """`kernel(q, k, v, *args)` for a kernel that needs values as wide as keys (DSA's): the
+  narrower side is zero-padded (q and k rescaled so that q . k / sqrt(width) is unchanged)
+  and the output cut back to the value width."""
+  qk, vdim = q.shape[-1], v.shape[-1]
+  pad = lambda a, n: jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, n)])  # noqa: E731
+  if vdim < qk:
+    return kernel(q, k, pad(v, qk - vdim), *args)[..., :vdim]
+  if vdim > qk:
+    q = (q * math.sqrt(vdim / qk)).astype(q.dtype)
+    return kernel(pad(q, vdim - qk), pad(k, vdim - qk), v, *args)
+  return kernel(q, k, v, *args)
+
+
 class MultiHeadLatentAttention(nn.Module):
   """MLA: [X, D] tokens -> [X, D]; the `Attention` of a model with mla.kv_lora_rank > 0.
 
@@ -121,7 +135,7 @@ class MultiHeadLatentAttention(nn.Module):
         raise ValueError(f"model.attention={cfg.attention!r} does not take packed rows: use "
                          "dense attention or data.packing='none'.")
       else:
-        out = dsa.dsa_attention(q, k, v, spec, positions)
+        out = _equal_widths(dsa.dsa_attention, q, k, v, spec, positions)
     out = checkpoint_name(out, "attention_out").reshape(b * t, n, vdim)  # [X, N, O]
     return dense((n, vdim, d), ("heads", "kv", "embed"), "out", (0, 1))("XNO,NOD->XD", out)
 

@@ -23,6 +23,7 @@ transformers = pytest.importorskip(
 from dsv2_jax import config as config_lib  # noqa: E402
 from dsv2_jax.convert import hf_deepseek_v2  # noqa: E402
 from dsv2_jax.model.transformer import build_model  # noqa: E402
+from tests.helpers import cli  # noqa: E402
 
 TOL = 1e-4
 BASE = dict(vocab_size=300, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
@@ -152,3 +153,16 @@ def test_bad_checkpoints_are_named(tmp_path):
     hf_deepseek_v2.read_checkpoint(tmp_path)
   with pytest.raises(hf_deepseek_v2.ConvertError, match="hidden_act"):
     hf_deepseek_v2.model_config({**BASE, "hidden_act": "gelu"})
+
+
+def test_convert_command_line(tmp_path):
+  """`python -m dsv2_jax convert` writes the workdir; `info` reads it; bad input exits 2."""
+  hf = hf_model(tmp_path)
+  out = cli("convert", "--from_hf", str(tmp_path / "hf"), "--workdir", str(tmp_path / "run"),
+            "--json")
+  assert json.loads(out.stdout)["parameters"] == sum(p.numel() for p in hf.parameters())
+  info = json.loads(cli("info", "--workdir", str(tmp_path / "run"), "--json").stdout)
+  assert info["total_params"] == sum(p.numel() for p in hf.parameters())
+  bad = cli("convert", "--from_hf", str(tmp_path), "--workdir", str(tmp_path / "x"),
+            check=False)
+  assert bad.returncode == 2 and "no config.json" in bad.stderr

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from dsv2_jax import config as config_lib
+from dsv2_jax.model import dense_attention
 from dsv2_jax.model import mla as mla_lib
+from dsv2_jax.model.transformer import build_model
 from tests.helpers import DEEPSEEK_MOE, MLA, init, small_config, small_model_config
 
 YARN = dict(rope_scaling="yarn", rope_scale=4.0, rope_original_length=16, yarn_ramp="dims",
@@ -71,8 +73,8 @@ def test_parameters_are_the_low_rank_factors():
       "query_down": {"w": (2, 32, 10)}, "query_norm": {"scale": (2, 10)},
       "query_up": {"w": (2, 10, 4, 10)}, "kv_down": {"w": (2, 32, 12)},
       "kv_norm": {"scale": (2, 12)}, "key_rope": {"w": (2, 32, 4)},
-      "key_up": {"w": (2, 12, 4, 6)}, "value_up": {"w": (2, 12, 4, 10)},
-      "out": {"w": (2, 4, 10, 32)}}
+      "key_up": {"w": (2, 12, 4, 6)}, "value_up": {"w": (2, 12, 4, 8)},
+      "out": {"w": (2, 4, 8, 32)}}
 
 
 def test_later_tokens_do_not_change_earlier_logits_and_gradients_are_finite():
@@ -87,11 +89,30 @@ def test_later_tokens_do_not_change_earlier_logits_and_gradients_are_finite():
   assert float(jnp.abs(grads["moe_layers"]["block_0"]["attention"]["key_up"]["w"]).max()) > 0
 
 
+@pytest.mark.parametrize("v_head_dim", [8, 10, 14])
+def test_padding_to_equal_widths_leaves_attention_unchanged(v_head_dim):
+  """DSA needs values as wide as keys: `_equal_widths` pads either side exactly."""
+  rng = np.random.RandomState(0)
+  q, k = (jnp.asarray(rng.randn(2, 16, 4, 10), jnp.float32) for _ in range(2))
+  v = jnp.asarray(rng.randn(2, 16, 4, v_head_dim), jnp.float32)
+  want = dense_attention.causal_attention(q, k, v)
+  same_widths_only = lambda q, k, v: (  # noqa: E731
+      dense_attention.causal_attention(q, k, v) if q.shape == v.shape else None)
+  got = mla_lib._equal_widths(same_widths_only, q, k, v)  # pylint: disable=protected-access
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_dsa_kernel_runs_under_mla_and_decode_asks_for_dense():
   cfg = small_model_config(mla=MLA, attention="dsa", dsa=dict(window=4, block=4,
                                                               budget_value=0.3))
   model, params, tokens = init(cfg, t=24)
   assert np.isfinite(np.asarray(model.apply({"params": params}, tokens))).all()
+  # With W + P covering the whole row, DSA is causal attention: MLA agrees with dense.
+  wide = small_model_config(mla=MLA, attention="dsa", dsa=dict(window=24, block=1,
+                                                               budget_value=0.3))
+  np.testing.assert_allclose(
+      build_model(wide).apply({"params": params}, tokens),
+      build_model(small_model_config(mla=MLA)).apply({"params": params}, tokens), atol=2e-5)
   with pytest.raises(ValueError, match="supports dense attention only"):
     decode_in_pieces(model, params, tokens, first=7, slots=32)
 
@@ -101,6 +122,7 @@ BAD_MLA = [
     (dict(mla=dict(MLA, qk_rope_head_dim=3)), "qk_rope_head_dim=3 must be even"),
     (dict(mla=MLA, num_kv_heads=2), "no GQA"),
     (dict(mla=MLA, position="learned"), "set model.position='rope'"),
+    (dict(mla=MLA, attention="dsa"), "set sample.max_new_tokens=0"),
     (dict(moe=dict(DEEPSEEK_MOE, n_group=3)), "n_group=3 must be a positive divisor"),
     (dict(moe=dict(DEEPSEEK_MOE, topk_group=5)), r"topk_group=5 must be in \[1"),
     (dict(moe=dict(DEEPSEEK_MOE, topk_group=1, top_k=3)), "raise topk_group"),
