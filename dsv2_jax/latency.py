@@ -115,9 +115,7 @@ def estimate(model: ml_collections.ConfigDict, hw: Hardware, layout: Layout, tok
   moe = model.moe
   layers = model.num_layers
   moe_layers = flops_lib.num_moe_layers(model)
-  d, n = model.d_model, model.num_heads
-  kv_heads = model.num_kv_heads or n
-  h = model.head_dim or d // n
+  d = model.d_model
   span = context + tokens
   flops_per_token = flops_lib.forward_flops_per_token(model, span)
 
@@ -130,8 +128,11 @@ def estimate(model: ml_collections.ConfigDict, hw: Hardware, layout: Layout, tok
   moe_layer = w["attention"] + w["gate"] + w["expert"] * (experts_read
                                                           + moe.num_shared_experts)
   mean_weights = ((layers - moe_layers) * dense_layer + moe_layers * moe_layer) / layers
-  kv_bytes = 2 * span * kv_heads * h * bytes_per_param  # K and V this layer reads.
-  layer_bytes = (mean_weights * bytes_per_param + kv_bytes) / tp
+  # The cache this layer reads: K and V split over TP by heads, or MLA's latent, which
+  # every head needs, read whole on each device.
+  kv_bytes = span * flops_lib.cache_values_per_token(model) * bytes_per_param
+  kv_split = 1 if model.mla.kv_lora_rank else tp
+  layer_bytes = mean_weights * bytes_per_param / tp + kv_bytes / kv_split
   compute = layer_flops / tp / peak
   memory = layer_bytes / hbm
   layer = max(compute, memory)

@@ -56,6 +56,7 @@ LAYOUTS = {
     "dp2_fsdp2_tp2": dict(data=2, fsdp=2, tensor=2),
     "dp2_tp4": dict(data=2, tensor=4),
     "dp2_ep4": dict(data=2, expert=4),
+    "fsdp2_ep4": dict(fsdp=2, expert=4),  # ZeRO-3 and expert parallelism together.
     "pp4_dp2": dict(data=2, stage=4),
     "pp2_tp2_dp2": dict(data=2, tensor=2, stage=2),
     # Gradient accumulation (2 microbatches) on a mesh == the single-device whole batch.

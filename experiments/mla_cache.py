@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 
 from dsv2_jax import config as config_lib
-from dsv2_jax.model import mla as mla_lib
+from dsv2_jax.model import flops
 from dsv2_jax.model.transformer import build_model
 from experiments import common
 
@@ -73,7 +73,7 @@ def cache_bytes_per_token(model: ml_collections.ConfigDict, slots: int = 16) -> 
   leaves = [x for x in jax.tree.leaves(cache) if x.ndim >= 2]  # Not the position index.
   total = sum(x.size * jnp.dtype(x.dtype).itemsize for x in leaves)
   values = sum(x.size for x in leaves) // slots
-  per_layer = mla_lib.cache_values_per_token(model)
+  per_layer = flops.cache_values_per_token(model)
   assert values == per_layer * model.num_layers, (values, per_layer)  # Shapes = formula.
   return {"bytes_per_token": total // slots, "values_per_token": values,
           "values_per_token_per_layer": per_layer, "layers": model.num_layers,
@@ -139,9 +139,9 @@ def decode_speeds(args: argparse.Namespace) -> dict[str, Any]:
     m = decode_model(kind, args)
     rows[kind] = {"step_s": times, "median_step_s": statistics.median(times),
                   "tokens_per_s": args.batch / statistics.median(times),
-                  "cache_values_per_token_per_layer": mla_lib.cache_values_per_token(m),
+                  "cache_values_per_token_per_layer": flops.cache_values_per_token(m),
                   "cache_mib": args.batch * args.context * args.layers
-                  * mla_lib.cache_values_per_token(m) * 4 / 2**20}
+                  * flops.cache_values_per_token(m) * 4 / 2**20}
   for row in rows.values():
     row["mla_speedup"] = row["median_step_s"] / rows["mla"]["median_step_s"]
   return {"settings": {k: getattr(args, k) for k in ("width", "layers", "heads", "kv_heads",

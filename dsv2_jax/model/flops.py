@@ -30,6 +30,14 @@ def head_dims(model: ml_collections.ConfigDict) -> tuple[int, int]:
   return h, h
 
 
+def cache_values_per_token(model: ml_collections.ConfigDict) -> int:
+  """Values one layer caches per token for decoding: c + r (MLA) or 2 K H (MHA/GQA)."""
+  if model.mla.kv_lora_rank:
+    return model.mla.kv_lora_rank + model.mla.qk_rope_head_dim
+  return 2 * (model.num_kv_heads or model.num_heads) * (
+      model.head_dim or model.d_model // model.num_heads)
+
+
 def attention_weights(model: ml_collections.ConfigDict) -> int:
   """Matmul parameters of one attention layer (projections in and out)."""
   d, n = model.d_model, model.num_heads

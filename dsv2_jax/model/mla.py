@@ -39,13 +39,6 @@ from dsv2_jax.model.layers import MASK_VALUE, Einsum, Norm, dtype_of
 from dsv2_jax.model.rope import apply_rope, config_frequencies, logit_scale
 
 
-def cache_values_per_token(cfg: ml_collections.ConfigDict) -> int:
-  """Values one layer caches per token for decoding: c + r (MLA) or 2 K H (MHA/GQA)."""
-  if cfg.mla.kv_lora_rank:
-    return cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim
-  return 2 * (cfg.num_kv_heads or cfg.num_heads) * (cfg.head_dim or cfg.d_model // cfg.num_heads)
-
-
 def _equal_widths(kernel, q, k, v, *args):
   """`kernel(q, k, v, *args)` for a kernel that needs values as wide as keys (DSA's): the
   narrower side is zero-padded (q and k rescaled so that q . k / sqrt(width) is unchanged)

@@ -130,19 +130,27 @@ def test_without_the_rope_permutation_logits_differ(tmp_path, monkeypatch):
   assert np.abs(got - hf_logits(hf, ids)).max() > 1e-2
 
 
-def test_the_convert_command_writes_a_workdir_that_eval_reads(tmp_path):
+def test_the_convert_command_writes_a_workdir_that_eval_and_info_read(tmp_path):
+  """`python -m dsv2_jax convert` writes a workdir whose restored parameters give HF's
+  logits; `info` reads it; a second conversion into it and bad input exit 2."""
   from dsv2_jax.train import trainer  # pylint: disable=g-import-not-at-top
   hf = hf_model(tmp_path, q_lora_rank=10)
-  summary = hf_deepseek_v2.convert(tmp_path / "hf", tmp_path / "run")
-  assert summary["parameters"] == sum(p.numel() for p in hf.parameters())
-  run = trainer.Run(trainer.load_config(tmp_path / "run"), tmp_path / "run")
+  count = sum(p.numel() for p in hf.parameters())
+  run_dir = str(tmp_path / "run")
+  out = cli("convert", "--from_hf", str(tmp_path / "hf"), "--workdir", run_dir, "--json")
+  assert json.loads(out.stdout)["parameters"] == count
+  assert json.loads(cli("info", "--workdir", run_dir, "--json").stdout)["total_params"] == count
+  run = trainer.Run(trainer.load_config(run_dir), run_dir)
   params, _, step = run.trained_params()
   assert step == 0
   ids = tokens()
-  got = np.asarray(run.model.apply({"params": params}, jnp.asarray(ids)))
+  got = np.asarray(jax.jit(run.model.apply)({"params": params}, jnp.asarray(ids)))
   np.testing.assert_allclose(got, hf_logits(hf, ids), atol=TOL, rtol=0)
-  with pytest.raises(hf_deepseek_v2.ConvertError, match="already holds checkpoints"):
-    hf_deepseek_v2.convert(tmp_path / "hf", tmp_path / "run")
+  again = cli("convert", "--from_hf", str(tmp_path / "hf"), "--workdir", run_dir, check=False)
+  assert again.returncode == 2 and "already holds checkpoints" in again.stderr
+  bad = cli("convert", "--from_hf", str(tmp_path), "--workdir", str(tmp_path / "x"),
+            check=False)
+  assert bad.returncode == 2 and "no config.json" in bad.stderr
 
 
 def test_bad_checkpoints_are_named(tmp_path):
@@ -154,15 +162,3 @@ def test_bad_checkpoints_are_named(tmp_path):
   with pytest.raises(hf_deepseek_v2.ConvertError, match="hidden_act"):
     hf_deepseek_v2.model_config({**BASE, "hidden_act": "gelu"})
 
-
-def test_convert_command_line(tmp_path):
-  """`python -m dsv2_jax convert` writes the workdir; `info` reads it; bad input exits 2."""
-  hf = hf_model(tmp_path)
-  out = cli("convert", "--from_hf", str(tmp_path / "hf"), "--workdir", str(tmp_path / "run"),
-            "--json")
-  assert json.loads(out.stdout)["parameters"] == sum(p.numel() for p in hf.parameters())
-  info = json.loads(cli("info", "--workdir", str(tmp_path / "run"), "--json").stdout)
-  assert info["total_params"] == sum(p.numel() for p in hf.parameters())
-  bad = cli("convert", "--from_hf", str(tmp_path), "--workdir", str(tmp_path / "x"),
-            check=False)
-  assert bad.returncode == 2 and "no config.json" in bad.stderr

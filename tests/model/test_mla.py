@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dsv2_jax import config as config_lib
-from dsv2_jax.model import dense_attention
+from dsv2_jax.model import dense_attention, flops
 from dsv2_jax.model import mla as mla_lib
 from dsv2_jax.model.transformer import build_model
 from tests.helpers import DEEPSEEK_MOE, MLA, init, small_config, small_model_config
@@ -61,9 +61,9 @@ def test_the_cache_holds_only_the_latent_and_the_rope_key():
             jax.tree_util.tree_flatten_with_path(nn.meta.unbox(cache))[0]}
   assert leaves == {"index": (), "layers/attention/cached_latent": (2, 3, 20, 12),
                     "layers/attention/cached_key_rope": (2, 3, 20, 4)}
-  assert mla_lib.cache_values_per_token(cfg) == 12 + 4
-  assert mla_lib.cache_values_per_token(small_model_config()) == 2 * 4 * 8
-  assert mla_lib.cache_values_per_token(small_model_config(num_kv_heads=2)) == 2 * 2 * 8
+  assert flops.cache_values_per_token(cfg) == 12 + 4
+  assert flops.cache_values_per_token(small_model_config()) == 2 * 4 * 8
+  assert flops.cache_values_per_token(small_model_config(num_kv_heads=2)) == 2 * 2 * 8
 
 
 def test_parameters_are_the_low_rank_factors():
