@@ -128,3 +128,22 @@ def test_quantization_experiment_quick_runs(tmp_path, data_dir):
                                       "int8_weight_only_channel", "int8_dot_channel"}
   assert [r["experts_keep"] for r in q["experts"]["rows"]] == [8, 4, 2]
   assert q["experts"]["rows"][-1]["param_bytes"] < q["experts"]["rows"][0]["param_bytes"]
+
+
+def test_mla_cache_table_reproduces_the_papers_cut_and_the_decode_step_runs(tmp_path):
+  """experiments/mla_cache.py: cache bytes from the models' own cache shapes (DeepSeek-V2
+  against MHA, GQA and DeepSeek 67B), and the decode timing on a tiny shape."""
+  from experiments import mla_cache  # pylint: disable=g-import-not-at-top
+  table = mla_cache.cache_table()
+  v2 = table["models"]["deepseek_v2"]
+  assert v2["values_per_token"] == 60 * (512 + 64) and v2["bytes_per_token"] == 69_120
+  assert table["models"]["v2_mha"]["values_per_token"] == 60 * 2 * 128 * 128
+  assert table["models"]["deepseek_67b"]["values_per_token"] == 95 * 2 * 8 * 128
+  assert abs(table["paper_cut_6bit"] - mla_cache.PAPER_CUT) < 0.001  # 93.3% at 6 bits.
+  assert abs(table["cut_vs_67b_same_dtype"] - 0.822) < 0.001
+  args = mla_cache.argparse.Namespace(width=32, layers=1, heads=4, kv_heads=2, latent=8,
+                                      rope=4, batch=2, context=32, rounds=1)
+  cases = mla_cache.decode_speeds(args)["cases"]
+  assert set(cases) == {"mha", "gqa", "mla"}
+  assert all(c["tokens_per_s"] > 0 for c in cases.values())
+  assert cases["mla"]["cache_mib"] < cases["gqa"]["cache_mib"] < cases["mha"]["cache_mib"]
