@@ -25,6 +25,8 @@ Arguments after ':' (combinable):
   remat=POLICY  model.remat_policy (default layered at full size, none when tiny)
   attention=dense|dsa   the kernel behind MLA (DSA from the article; decoding: dense)
   variant=full|lite     which published checkpoint (configs/deepseek_v2_lite.py sets lite)
+  pretrain      from-scratch pretraining as the paper: plain RoPE at 4K (the published
+                config is the long-context one, YaRN x40 to 160K; the layout is the same)
 """
 
 import pathlib
@@ -84,7 +86,8 @@ def tiny_config(variant: str, args) -> config_lib.ml_collections.ConfigDict:
 
 def get_config(arg: str | None = None):
   args = config_lib.parse_arg(arg, variant="full", tiny=False, steps=0, seq_len=0,
-                              batch_size=0, width=0, layers=0, remat="", attention="dense")
+                              batch_size=0, width=0, layers=0, remat="", attention="dense",
+                              pretrain=False)
   if args.variant not in PUBLISHED:
     raise config_lib.ConfigError(f"config argument variant={args.variant!r}: choose one of "
                                  f"{sorted(PUBLISHED)}.")
@@ -95,6 +98,8 @@ def get_config(arg: str | None = None):
                  remat_policy=args.remat or "layered")
   if args.attention != "dense":
     c.sample.max_new_tokens = 0  # Decoding MLA is built for dense attention only.
+  if args.pretrain:  # Stage 1 of the paper: 4K context, plain RoPE; YaRN comes after.
+    c.model.update(rope_scaling="none", rope_scale=1.0, max_seq_len=4096)
   # Pretraining as the paper: 4K-token rows, AdamW (0.9, 0.95), weight decay 0.1, clip 1.0,
   # warmup 2,000 steps to 2.4e-4 (full) / 4.2e-4 (Lite).
   c.data.update(dataset="c4/en", seq_len=4096, batch_size=1024)

@@ -86,6 +86,12 @@ def model_config(hf: Mapping[str, Any]) -> ml_collections.ConfigDict:
   rope = _rope_parameters(hf)
   m.rope_max_wavelength = float(rope["rope_theta"])
   if rope["rope_type"] == "yarn":
+    if rope.get("factor") is None or rope.get("truncate", True) is False:
+      raise ConvertError("yarn needs its factor, and only the truncated (rounded) ramp is "
+                         "supported (rope truncate: true).")
+    if bool(rope.get("mscale")) != bool(rope.get("mscale_all_dim")):
+      raise ConvertError("yarn with only one of mscale / mscale_all_dim is not supported "
+                         "(transformers then ignores the other): give both or neither.")
     m.update(rope_scaling="yarn", rope_scale=float(rope["factor"]),
              rope_original_length=int(rope["original_max_position_embeddings"]),
              yarn_beta_fast=float(rope.get("beta_fast") or 32),
@@ -97,6 +103,13 @@ def model_config(hf: Mapping[str, Any]) -> ml_collections.ConfigDict:
   elif rope["rope_type"] != "default":
     raise ConvertError(f"rope type {rope['rope_type']!r}: only default and yarn are supported.")
   experts = hf.get("n_routed_experts") or 0
+  if experts and hf.get("moe_layer_freq", 1) != 1:
+    raise ConvertError(f"moe_layer_freq={hf['moe_layer_freq']}: only 1 (every layer after "
+                       "first_k_dense_replace is MoE, as in every published checkpoint).")
+  if experts and hf.get("norm_topk_prob"):
+    raise ConvertError("norm_topk_prob=true: DeepSeek's code then renormalises instead of "
+                       "scaling, transformers scales anyway; not converted (the published "
+                       "checkpoints use false).")
   if experts:
     method = hf.get("topk_method", "greedy")
     if method not in ("greedy", "group_limited_greedy"):
@@ -106,8 +119,6 @@ def model_config(hf: Mapping[str, Any]) -> ml_collections.ConfigDict:
                  expert_hidden=hf["moe_intermediate_size"],
                  num_shared_experts=hf.get("n_shared_experts") or 0,
                  first_dense_layers=hf.get("first_k_dense_replace", 0),
-                 every_n_layers=hf.get("moe_layer_freq", 1),
-                 renormalize=bool(hf.get("norm_topk_prob", False)),
                  routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
                  n_group=hf["n_group"] if grouped else 1,
                  topk_group=hf["topk_group"] if grouped else 1,
@@ -224,7 +235,8 @@ def convert_params(get: Callable[[str], np.ndarray], keys: set[str],
       groups = [_layer(w, first + g, m, moe=False) for g in range(repeats)]
       first += repeats
     params[name] = _stack(groups)
-  unused = sorted(k for k in keys - w.used if not k.endswith("rotary_emb.inv_freq"))
+  ignored = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if m.tie_embeddings else ())
+  unused = sorted(k for k in keys - w.used if not k.endswith(ignored))
   if unused:
     raise ConvertError(f"{len(unused)} HF tensors have no place in the converted model, "
                        f"e.g. {unused[:3]}: is this a DeepseekV2ForCausalLM checkpoint?")

@@ -91,6 +91,11 @@ def kept_model_config(model: ml_collections.ConfigDict, keep: int
   if not k <= keep <= e:
     raise ValueError(f"--experts_keep={keep} must be in [moe.top_k={k}, "
                      f"moe.num_experts={e}].")
+  if model.moe.topk_group < model.moe.n_group:
+    raise ValueError(f"--experts_keep: this run routes within groups (moe.n_group="
+                     f"{model.moe.n_group}, topk_group={model.moe.topk_group}); keeping a "
+                     "subset of experts would break the groups. Evaluate it without "
+                     "--experts_keep.")
   out = ml_collections.ConfigDict(model.to_dict())
   out.moe.num_experts = keep
   return out

@@ -65,7 +65,10 @@ def einsum(equation: str, x: jax.Array, t: blocks.QTensor, dtype: jnp.dtype) -> 
   contract, output = blocks.split_axes(t.names)
   usable = (t.dot == "int8" and len(rhs) == len(t.names)
             and {rhs[a] for a in contract} == (set(lhs) & set(rhs)) - set(out)
-            and all(rhs[a] in out for a in output))
+            and all(rhs[a] in out for a in output)
+            # A weight axis the input also carries (MLA's absorbed 'BTNc,cNO') would make
+            # the matmul compute every pair and keep the diagonal: weight-only instead.
+            and not {rhs[a] for a in output} & set(lhs))
   if not usable:
     w = blocks.dequantize(t, dtype)
     return jnp.einsum(equation, x.astype(dtype), w,

@@ -159,6 +159,12 @@ def test_bad_checkpoints_are_named(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
   with pytest.raises(hf_deepseek_v2.ConvertError, match="only deepseek_v2"):
     hf_deepseek_v2.read_checkpoint(tmp_path)
-  with pytest.raises(hf_deepseek_v2.ConvertError, match="hidden_act"):
-    hf_deepseek_v2.model_config({**BASE, "hidden_act": "gelu"})
+  for fields, message in [
+      (dict(hidden_act="gelu"), "hidden_act"),
+      (dict(moe_layer_freq=2), "moe_layer_freq=2"),
+      (dict(norm_topk_prob=True), "norm_topk_prob=true"),
+      (dict(rope_parameters={**YARN, "mscale_all_dim": 0}), "only one of mscale"),
+  ]:
+    with pytest.raises(hf_deepseek_v2.ConvertError, match=message):
+      hf_deepseek_v2.model_config({**BASE, **fields})
 

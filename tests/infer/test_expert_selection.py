@@ -97,3 +97,8 @@ def test_cli_experts_keep_above_the_expert_count_exits_2(tmp_path, data_dir):
                         text=True, env=env, cwd=REPO, timeout=300)
   assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
   assert "--experts_keep=7 must be in [moe.top_k=2, moe.num_experts=6]" in proc.stderr
+
+
+def test_kept_model_config_refuses_group_limited_routing():
+  with pytest.raises(ValueError, match="routes within groups"):
+    es.kept_model_config(helpers.small_model_config(moe=helpers.DEEPSEEK_MOE), 4)
