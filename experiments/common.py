@@ -224,11 +224,13 @@ def chain_dirs(args: argparse.Namespace) -> tuple[str, pathlib.Path]:
   return os.path.expanduser(args.data_dir), root
 
 
-def train_stage(spec: str, workdir: pathlib.Path, data_dir: str, init_from: str = "") -> dict:
+def train_stage(spec: str, workdir: pathlib.Path, data_dir: str, init_from: str = "",
+                overrides: Sequence[str] = ()) -> dict:
   """Trains (or resumes, or just reads) one stage of a chain in `workdir`; returns its
-  eval.json plus train_seconds and the config spec. No sample is generated."""
+  eval.json plus train_seconds and the config spec. No sample is generated.
+  `overrides`: `--config.a.b=v` flags applied after the spec (e.g. a seed)."""
   from dsv2_jax.train import trainer  # pylint: disable=g-import-not-at-top
-  c = load_config(spec)
+  c = load_config(spec, overrides)
   c.data.data_dir = data_dir
   c.train.init_from = init_from
   c.sample.max_new_tokens = 0

@@ -147,3 +147,15 @@ def test_mla_cache_table_reproduces_the_papers_cut_and_the_decode_step_runs(tmp_
   assert set(cases) == {"mha", "gqa", "mla"}
   assert all(c["tokens_per_s"] > 0 for c in cases.values())
   assert cases["mla"]["cache_mib"] < cases["gqa"]["cache_mib"] < cases["mha"]["cache_mib"]
+
+
+@pytest.mark.slow
+def test_layout_quality_quick_runs(tmp_path, data_dir):
+  """experiments/layout_quality.py end to end at 2 steps, two seeds (about 2 minutes)."""
+  _run_experiment("experiments.layout_quality", "--variants", "article_gmoe,deepseek_v2",
+                  "--seeds", "0,1", "--steps", "2", "--workdir", str(tmp_path / "lq"),
+                  "--data_dir", data_dir, "--out", str(tmp_path / "lq.json"))
+  result = json.loads((tmp_path / "lq.json").read_text())
+  v2 = result["variants"]["deepseek_v2"]
+  assert set(v2["bits_per_byte"]) == {"0", "1"} and v2["standard_error"] is not None
+  assert result["variants"]["article_gmoe"]["minus_baseline"] == 0.0
