@@ -118,10 +118,12 @@ def decode_step(model_cfg: ml_collections.ConfigDict, batch: int, context: int):
   work, a decode step at position context - 8."""
   model = build_model(model_cfg)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
-  cache = model.init(jax.random.PRNGKey(0), jnp.zeros((batch, context), jnp.int32),
-                     decode=True)["cache"]
-  rng = np.random.RandomState(0)
-  cache = jax.tree.map(lambda x: jnp.asarray(rng.randn(*x.shape) * 0.5, x.dtype)
+  # Shapes only: a real init would run attention over `context` tokens to size the cache.
+  cache = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((batch, context), jnp.int32), decode=True)["cache"])
+  rng = np.random.default_rng(0)
+  cache = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape, np.float32) * 0.5,
+                                             x.dtype)
                        if x.ndim >= 2 else jnp.asarray(context - 8, x.dtype), cache)
 
   position = cache["index"]
