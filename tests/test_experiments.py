@@ -130,9 +130,9 @@ def test_quantization_experiment_quick_runs(tmp_path, data_dir):
   assert q["experts"]["rows"][-1]["param_bytes"] < q["experts"]["rows"][0]["param_bytes"]
 
 
-def test_mla_cache_table_reproduces_the_papers_cut_and_the_decode_step_runs(tmp_path):
+def test_mla_cache_table_reproduces_the_papers_cut():
   """experiments/mla_cache.py: cache bytes from the models' own cache shapes (DeepSeek-V2
-  against MHA, GQA and DeepSeek 67B), and the decode timing on a tiny shape."""
+  against MHA, GQA and DeepSeek 67B); the decode timing runs under -m slow."""
   from experiments import mla_cache  # pylint: disable=g-import-not-at-top
   table = mla_cache.cache_table()
   v2 = table["models"]["deepseek_v2"]
@@ -141,6 +141,11 @@ def test_mla_cache_table_reproduces_the_papers_cut_and_the_decode_step_runs(tmp_
   assert table["models"]["deepseek_67b"]["values_per_token"] == 95 * 2 * 8 * 128
   assert abs(table["paper_cut_6bit"] - mla_cache.PAPER_CUT) < 0.001  # 93.3% at 6 bits.
   assert abs(table["cut_vs_67b_same_dtype"] - 0.822) < 0.001
+
+
+@pytest.mark.slow
+def test_mla_cache_decode_timing_runs():
+  from experiments import mla_cache  # pylint: disable=g-import-not-at-top
   args = mla_cache.argparse.Namespace(width=32, layers=1, heads=4, kv_heads=2, latent=8,
                                       rope=4, batch=2, context=32, rounds=1)
   cases = mla_cache.decode_speeds(args)["cases"]

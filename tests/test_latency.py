@@ -92,6 +92,7 @@ def test_tp_collective_bytes_match_the_compiled_decode_step():
   assert got == {"all-reduce": 16_384, "all-gather": 4_160}
 
 
+@pytest.mark.slow  # An experiment's smoke run, like the other experiments' (23 s).
 def test_latency_check_quick_runs(tmp_path):
   """experiments/latency_check.py --quick: measured and predicted side by side."""
   import json, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
