@@ -100,6 +100,8 @@ def test_checkpoint_saved_under_one_mesh_restores_under_another():
     ("dense", ["pp2_tp2_dp2"]),  # 3 layers on 2 stages: the pipeline pads one slot.
     pytest.param("dsa", ["pp2_tp2_dp2", "pp4_dp2", "dp2_tp4"], marks=pytest.mark.slow),
     pytest.param("moe", ["pp2_tp2_dp2", "dp2_ep4"], marks=pytest.mark.slow),
+    # MLA's absorbed latent cache carried through the pipeline and split by tensor.
+    pytest.param("v2", ["pp2_tp2_dp2", "dp2_tp4", "pp4_dp2"], marks=pytest.mark.slow),
 ])
 def test_generation_under_tensor_and_pipeline_parallelism_matches_one_device(model, layouts):
   out = run_check("--generate", model, json.dumps(layouts))
