@@ -132,7 +132,7 @@ def test_without_the_rope_permutation_logits_differ(tmp_path, monkeypatch):
 
 def test_the_convert_command_writes_a_workdir_that_eval_and_info_read(tmp_path):
   """`python -m dsv2_jax convert` writes a workdir whose restored parameters give HF's
-  logits; `info` reads it; a second conversion into it and bad input exit 2."""
+  logits; `info` reads it; bad input exits 2; a second conversion into it is refused."""
   from dsv2_jax.train import trainer  # pylint: disable=g-import-not-at-top
   hf = hf_model(tmp_path, q_lora_rank=10)
   count = sum(p.numel() for p in hf.parameters())
@@ -146,11 +146,11 @@ def test_the_convert_command_writes_a_workdir_that_eval_and_info_read(tmp_path):
   ids = tokens()
   got = np.asarray(jax.jit(run.model.apply)({"params": params}, jnp.asarray(ids)))
   np.testing.assert_allclose(got, hf_logits(hf, ids), atol=TOL, rtol=0)
-  again = cli("convert", "--from_hf", str(tmp_path / "hf"), "--workdir", run_dir, check=False)
-  assert again.returncode == 2 and "already holds checkpoints" in again.stderr
   bad = cli("convert", "--from_hf", str(tmp_path), "--workdir", str(tmp_path / "x"),
             check=False)
-  assert bad.returncode == 2 and "no config.json" in bad.stderr
+  assert bad.returncode == 2 and "no config.json" in bad.stderr  # One line, no traceback.
+  with pytest.raises(hf_deepseek_v2.ConvertError, match="already holds checkpoints"):
+    hf_deepseek_v2.convert(tmp_path / "hf", run_dir)
 
 
 def test_bad_checkpoints_are_named(tmp_path):
