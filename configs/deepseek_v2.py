@@ -31,6 +31,8 @@ Arguments after ':' (combinable):
 
 import pathlib
 
+import ml_collections
+
 from dsv2_jax import config as config_lib
 from dsv2_jax.convert import hf_deepseek_v2
 
@@ -60,7 +62,7 @@ PUBLISHED = {
 PUBLISHED_PARAMS = {"full": (236e9, 21e9), "lite": (15.7e9, 2.4e9)}
 
 
-def tiny_config(variant: str, args) -> config_lib.ml_collections.ConfigDict:
+def tiny_config(variant: str, args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The tiny CPU variant: configs/tiny.py's data and training, a scaled-down V2 model."""
   tiny_args = ",".join(f"{k}={args[k]}" for k in ("steps", "seq_len", "batch_size", "width",
                                                    "layers") if args[k])

@@ -103,8 +103,9 @@ class Attention(nn.Module):
       inv_freq, factor = config_frequencies(cfg, h)
       q = apply_rope(q, positions, inv_freq, factor)
       k = apply_rope(k, positions, inv_freq, factor)
-      if logit_scale(cfg) != 1.0:  # YaRN's mscale_all_dim: on q, so every kernel sees it.
-        q = (q * logit_scale(cfg)).astype(q.dtype)
+      scale = logit_scale(cfg)
+      if scale != 1.0:  # YaRN's mscale_all_dim: on q, so every kernel sees it.
+        q = (q * scale).astype(q.dtype)
     q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", "act_kv"))
     k = nn.with_logical_constraint(k, ("batch", "length", "act_kv_heads", "act_kv"))
     v = nn.with_logical_constraint(v, ("batch", "length", "act_kv_heads", "act_kv"))

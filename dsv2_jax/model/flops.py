@@ -34,8 +34,7 @@ def cache_values_per_token(model: ml_collections.ConfigDict) -> int:
   """Values one layer caches per token for decoding: c + r (MLA) or 2 K H (MHA/GQA)."""
   if model.mla.kv_lora_rank:
     return model.mla.kv_lora_rank + model.mla.qk_rope_head_dim
-  return 2 * (model.num_kv_heads or model.num_heads) * (
-      model.head_dim or model.d_model // model.num_heads)
+  return 2 * (model.num_kv_heads or model.num_heads) * head_dims(model)[0]
 
 
 def attention_weights(model: ml_collections.ConfigDict) -> int:
@@ -48,7 +47,7 @@ def attention_weights(model: ml_collections.ConfigDict) -> int:
     query = (d * mla.q_lora_rank + mla.q_lora_rank * n * qk) if mla.q_lora_rank else d * n * qk
     return query + d * (c + r) + c * n * (mla.qk_nope_head_dim + v) + n * v * d
   k = model.num_kv_heads or n
-  h = model.head_dim or d // n
+  h, _ = head_dims(model)
   return d * n * h * 2 + d * k * h * 2  # query, out; key, value
 
 
